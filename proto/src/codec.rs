@@ -110,7 +110,9 @@ impl From<postcard::Error> for DecodeError {
         use postcard::Error as E;
         match e {
             E::DeserializeUnexpectedEnd => DecodeError::Truncated,
-            E::DeserializeBadEnum => DecodeError::UnknownVariant,
+            // serde's derive reports an out-of-range variant index as a
+            // custom error; our types have no other custom deserializers.
+            E::DeserializeBadEnum | E::SerdeDeCustom => DecodeError::UnknownVariant,
             other => DecodeError::Malformed(other.to_string()),
         }
     }
