@@ -1,1 +1,495 @@
-//! placeholder
+//! The agent's TOML configuration: parsing, defaults and validation.
+//!
+//! Every key is a named constant in [`keys`]; an error names the key and the
+//! problem, and `main` exits with [`EX_CONFIG`] (64, `EX_USAGE`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+
+/// The commented default config, compiled in.
+pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
+
+/// Exit code for an invalid config or command line (`EX_USAGE`).
+pub const EX_CONFIG: i32 = 64;
+
+/// Default pulse interval.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pulsebell-agent";
+
+/// Default action timeout.
+pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Regex applied to parameters declared as a plain list of names: no
+/// whitespace, quotes, `;`, `|`, `$`, backticks or other shell syntax.
+pub const DEFAULT_PARAM_REGEX: &str = r"^[A-Za-z0-9._:/@+=-]{1,256}$";
+
+/// Names of the config keys, as they appear in the file.
+pub mod keys {
+    /// `collector_url`
+    pub const COLLECTOR_URL: &str = "collector_url";
+    /// `device_id`
+    pub const DEVICE_ID: &str = "device_id";
+    /// `token_file`
+    pub const TOKEN_FILE: &str = "token_file";
+    /// `token`
+    pub const TOKEN: &str = "token";
+    /// `ca_file`
+    pub const CA_FILE: &str = "ca_file";
+    /// `interval`
+    pub const INTERVAL: &str = "interval";
+    /// `tags`
+    pub const TAGS: &str = "tags";
+    /// `state_dir`
+    pub const STATE_DIR: &str = "state_dir";
+    /// `actions`
+    pub const ACTIONS: &str = "actions";
+}
+
+/// A config problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the key (`interval`, `actions.update.params.version`);
+    /// empty when the file itself is unreadable or not TOML.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "invalid config: {}", self.message)
+        } else {
+            write!(f, "invalid config key `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    collector_url: String,
+    device_id: String,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    interval: Option<Duration>,
+    #[serde(default)]
+    tags: Vec<String>,
+    state_dir: Option<PathBuf>,
+    lock_file: Option<PathBuf>,
+    #[serde(default = "default_root")]
+    root: PathBuf,
+    #[serde(default = "default_root")]
+    disk_path: PathBuf,
+    #[serde(default)]
+    actions: BTreeMap<String, RawAction>,
+}
+
+fn default_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAction {
+    command: Vec<String>,
+    #[serde(default)]
+    params: RawParams,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    disruptive: bool,
+    #[serde(default)]
+    reboots: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum RawParams {
+    #[default]
+    None,
+    Names(Vec<String>),
+    Patterns(BTreeMap<String, String>),
+}
+
+fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"5s\" or \"1m\"")))
+}
+
+/// Where the device connects: parsed from `collector_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorUrl {
+    /// The URL as written.
+    pub url: String,
+    /// Host name or IP address (what the certificate must name).
+    pub host: String,
+    /// Port (default 443).
+    pub port: u16,
+}
+
+/// One allowlisted action.
+#[derive(Debug, Clone)]
+pub struct Action {
+    /// argv; `{name}` placeholders are filled from parameters.
+    pub command: Vec<String>,
+    /// Declared parameters and the regex each value must match (anchored).
+    pub params: BTreeMap<String, Regex>,
+    /// Run-time limit unless the bell asks for less.
+    pub timeout: Duration,
+    /// Rejected while the maintenance lock file exists.
+    pub disruptive: bool,
+    /// The action reboots the board: success is a new boot id.
+    pub reboots: bool,
+}
+
+/// The validated agent config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to connect.
+    pub collector: CollectorUrl,
+    /// This device's id.
+    pub device_id: String,
+    /// Where the token comes from.
+    pub token_source: TokenSource,
+    /// CA bundle; `None` trusts webpki-roots.
+    pub ca_file: Option<PathBuf>,
+    /// Pulse interval.
+    pub interval: Duration,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// State directory (bell journal).
+    pub state_dir: PathBuf,
+    /// Maintenance lock file.
+    pub lock_file: PathBuf,
+    /// Root of procfs/sysfs/etc (tests point it at a fake tree).
+    pub root: PathBuf,
+    /// Filesystem reported as disk.
+    pub disk_path: PathBuf,
+    /// Allowlisted actions by name.
+    pub actions: BTreeMap<String, Action>,
+}
+
+/// Where the device token is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// A file holding the token.
+    File(PathBuf),
+    /// The token itself, written in the config.
+    Inline(String),
+}
+
+impl Config {
+    /// Reads, parses and validates a config file, and checks that the token
+    /// and CA files are readable.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        let config = Config::parse(&text)?;
+        config.token()?;
+        if let Some(ca) = &config.ca_file {
+            std::fs::metadata(ca)
+                .map_err(|e| ConfigError::new(keys::CA_FILE, format!("cannot read {}: {e}", ca.display())))?;
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates config text (no file access).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            // toml's message carries line/column and the offending line.
+            let inner = e.into_inner();
+            let message = inner.message().to_string();
+            let message = match inner.span() {
+                Some(span) => format!("{message} (at line {})", line_of(text, span.start)),
+                None => message,
+            };
+            ConfigError::new(key, message)
+        })?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let collector = parse_url(&raw.collector_url)?;
+        if !pulsebell_proto::valid_device_id(&raw.device_id) {
+            return Err(ConfigError::new(
+                keys::DEVICE_ID,
+                format!(
+                    "`{}` is not a valid device id: use 1 to {} letters, digits, '.', '_' or '-'",
+                    raw.device_id,
+                    pulsebell_proto::MAX_DEVICE_ID
+                ),
+            ));
+        }
+        let token_source = match (raw.token_file, raw.token) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(keys::TOKEN, "set either `token_file` or `token`, not both"))
+            }
+            (Some(f), None) => TokenSource::File(f),
+            (None, Some(t)) => TokenSource::Inline(t),
+            (None, None) => {
+                return Err(ConfigError::new(keys::TOKEN_FILE, "missing: set `token_file` (or `token`)"))
+            }
+        };
+        let interval = raw.interval.unwrap_or(DEFAULT_INTERVAL);
+        let ms = interval.as_millis();
+        if ms < u128::from(pulsebell_proto::MIN_INTERVAL_MS) || ms > u128::from(pulsebell_proto::MAX_INTERVAL_MS) {
+            return Err(ConfigError::new(
+                keys::INTERVAL,
+                format!(
+                    "{} is out of range: must be between {}ms and 1h",
+                    humantime::format_duration(interval),
+                    pulsebell_proto::MIN_INTERVAL_MS
+                ),
+            ));
+        }
+        if raw.tags.len() > pulsebell_proto::MAX_TAGS {
+            return Err(ConfigError::new(keys::TAGS, format!("at most {} tags", pulsebell_proto::MAX_TAGS)));
+        }
+        if let Some(bad) = raw.tags.iter().find(|t| !pulsebell_proto::valid_tag(t)) {
+            return Err(ConfigError::new(
+                keys::TAGS,
+                format!("`{bad}` is not a valid tag: use letters, digits, '.', '_' or '-'"),
+            ));
+        }
+        let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let lock_file = raw.lock_file.unwrap_or_else(|| state_dir.join("maintenance.lock"));
+        let mut actions = BTreeMap::new();
+        for (name, action) in raw.actions {
+            let action = validate_action(&name, action)?;
+            actions.insert(name, action);
+        }
+        Ok(Config {
+            collector,
+            device_id: raw.device_id,
+            token_source,
+            ca_file: raw.ca_file,
+            interval,
+            tags: raw.tags,
+            state_dir,
+            lock_file,
+            root: raw.root,
+            disk_path: raw.disk_path,
+            actions,
+        })
+    }
+
+    /// The device token, read from `token_file` or `token`.
+    pub fn token(&self) -> Result<String, ConfigError> {
+        let (key, token) = match &self.token_source {
+            TokenSource::Inline(t) => (keys::TOKEN, t.trim().to_string()),
+            TokenSource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::new(keys::TOKEN_FILE, format!("cannot read {}: {e}", path.display())))?;
+                (keys::TOKEN_FILE, text.trim().to_string())
+            }
+        };
+        if token.is_empty() {
+            return Err(ConfigError::new(key, "the token is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(key, "the token holds characters a token never has"));
+        }
+        Ok(token)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+fn parse_url(url: &str) -> Result<CollectorUrl, ConfigError> {
+    let err = |m: &str| ConfigError::new(keys::COLLECTOR_URL, format!("`{url}`: {m}"));
+    let uri: http_uri::Uri = url.parse().map_err(|e| err(&format!("not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("wss") => {}
+        Some("ws") => return Err(err("plain ws:// is not allowed; use wss:// (TLS is always on)")),
+        _ => return Err(err("must start with wss://")),
+    }
+    let host = uri.host().ok_or_else(|| err("has no host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok(CollectorUrl { url: url.to_string(), host, port: uri.port_u16().unwrap_or(443) })
+}
+
+/// `http::Uri`, as re-exported by tungstenite.
+mod http_uri {
+    pub use tokio_tungstenite::tungstenite::http::Uri;
+}
+
+fn validate_action(name: &str, raw: RawAction) -> Result<Action, ConfigError> {
+    let key = |sub: &str| format!("{}.{name}{sub}", keys::ACTIONS);
+    if name == "ping" {
+        return Err(ConfigError::new(key(""), "`ping` is built in and cannot be redefined"));
+    }
+    if !pulsebell_proto::valid_tag(name) {
+        return Err(ConfigError::new(key(""), "action names use letters, digits, '.', '_' or '-'"));
+    }
+    if raw.command.is_empty() || raw.command[0].is_empty() {
+        return Err(ConfigError::new(key(".command"), "must name a program: command = [\"/path/to/program\", ...]"));
+    }
+    let patterns: Vec<(String, String)> = match raw.params {
+        RawParams::None => vec![],
+        RawParams::Names(names) => names.into_iter().map(|n| (n, DEFAULT_PARAM_REGEX.to_string())).collect(),
+        RawParams::Patterns(map) => map.into_iter().collect(),
+    };
+    let mut params = BTreeMap::new();
+    for (pname, pattern) in patterns {
+        if !pname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || pname.is_empty() {
+            return Err(ConfigError::new(key(".params"), format!("`{pname}`: parameter names use letters, digits and '_'")));
+        }
+        // Anchor the whole value, whatever the pattern says, so a pattern
+        // like "[0-9]+" cannot let "1; rm -rf /" through.
+        let anchored = format!("^(?:{})$", pattern.trim_start_matches('^').trim_end_matches('$'));
+        let re = Regex::new(&anchored)
+            .map_err(|e| ConfigError::new(key(&format!(".params.{pname}")), format!("invalid regex: {e}")))?;
+        params.insert(pname, re);
+    }
+    for arg in &raw.command {
+        for placeholder in placeholders(arg) {
+            if !params.contains_key(placeholder) {
+                return Err(ConfigError::new(
+                    key(".command"),
+                    format!("placeholder `{{{placeholder}}}` is not a declared parameter"),
+                ));
+            }
+        }
+    }
+    let timeout = raw.timeout.unwrap_or(DEFAULT_ACTION_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(ConfigError::new(key(".timeout"), "must be more than 0"));
+    }
+    Ok(Action { command: raw.command, params, timeout, disruptive: raw.disruptive, reboots: raw.reboots })
+}
+
+/// The `{name}` placeholders in one argument.
+pub fn placeholders(arg: &str) -> impl Iterator<Item = &str> {
+    arg.split('{').skip(1).filter_map(|rest| rest.split_once('}').map(|(name, _)| name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+collector_url = "wss://collector.example:8443/v1/ws"
+device_id = "pi-1"
+token = "abc"
+"#;
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text).expect_err("config should be refused")
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.collector.host, "collector.example");
+        assert_eq!(c.collector.port, 8443);
+        assert_eq!(c.interval, DEFAULT_INTERVAL);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.lock_file, PathBuf::from(DEFAULT_STATE_DIR).join("maintenance.lock"));
+        assert_eq!(c.token().unwrap(), "abc");
+    }
+
+    #[test]
+    fn default_config_parses() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.device_id, "change-me");
+        assert_eq!(c.token_source, TokenSource::File("/etc/pulsebell/agent.token".into()));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&format!("{MINIMAL}interval = \"5 parsecs\"\n"));
+        assert_eq!(e.key, "interval");
+        assert!(e.message.contains("5 parsecs"), "{e}");
+
+        let e = err(&MINIMAL.replace("wss://", "ws://"));
+        assert_eq!(e.key, "collector_url");
+
+        let e = err(&MINIMAL.replace("pi-1", "pi 1"));
+        assert_eq!(e.key, "device_id");
+
+        let e = err(&format!("{MINIMAL}intervall = \"5s\"\n"));
+        assert!(e.message.contains("intervall"), "{e}");
+
+        let e = err(&MINIMAL.replace("token = \"abc\"", ""));
+        assert_eq!(e.key, "token_file");
+
+        let e = err(&format!("{MINIMAL}tags = [\"ok\", \"not ok\"]\n"));
+        assert_eq!(e.key, "tags");
+
+        let e = err(&format!("{MINIMAL}interval = \"1ms\"\n"));
+        assert_eq!(e.key, "interval");
+
+        let e = err("collector_url = [");
+        assert_eq!(e.key, "");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn actions_are_validated() {
+        let good = format!(
+            "{MINIMAL}{}",
+            r#"
+[actions.update]
+command = ["/usr/local/bin/update-app", "--version", "{version}"]
+params = { version = "^[0-9]+\\.[0-9]+\\.[0-9]+$" }
+timeout = "10m"
+
+[actions.restart]
+command = ["systemctl", "restart", "{unit}"]
+params = ["unit"]
+disruptive = true
+"#
+        );
+        let c = Config::parse(&good).unwrap();
+        let update = &c.actions["update"];
+        assert_eq!(update.timeout, Duration::from_secs(600));
+        assert!(update.params["version"].is_match("1.2.3"));
+        assert!(!update.params["version"].is_match("1.2.3; rm -rf /"));
+        assert!(c.actions["restart"].params["unit"].is_match("app.service"));
+        assert!(!c.actions["restart"].params["unit"].is_match("a b"));
+        assert!(c.actions["restart"].disruptive);
+
+        let e = err(&format!("{MINIMAL}[actions.x]\ncommand = [\"echo\", \"{{who}}\"]\n"));
+        assert_eq!(e.key, "actions.x.command");
+        let e = err(&format!("{MINIMAL}[actions.x]\ncommand = [\"echo\"]\nparams = {{ a = \"(\" }}\n"));
+        assert_eq!(e.key, "actions.x.params.a");
+        let e = err(&format!("{MINIMAL}[actions.x]\ncommand = []\n"));
+        assert_eq!(e.key, "actions.x.command");
+        let e = err(&format!("{MINIMAL}[actions.ping]\ncommand = [\"true\"]\n"));
+        assert_eq!(e.key, "actions.ping");
+    }
+
+    #[test]
+    fn unanchored_patterns_are_anchored() {
+        let text = format!("{MINIMAL}[actions.x]\ncommand = [\"echo\", \"{{n}}\"]\nparams = {{ n = \"[0-9]+\" }}\n");
+        let c = Config::parse(&text).unwrap();
+        assert!(c.actions["x"].params["n"].is_match("42"));
+        assert!(!c.actions["x"].params["n"].is_match("42; reboot"));
+    }
+}

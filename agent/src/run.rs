@@ -1,0 +1,248 @@
+//! The daemon: sample health every interval, keep one connection to the
+//! collector, send each sample as a pulse, answer bells.
+//!
+//! Sampling runs on its own timer whether or not the collector is reachable,
+//! so CPU and network rates stay meaningful and sequence numbers keep
+//! counting: pulses taken while disconnected are dropped, and the collector
+//! sees the gap.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pulsebell_proto::{close, decode, encode, AgentMsg, BellReport, Hello, Pulse, ServerMsg, PROTOCOL_VERSION};
+use rand::SeedableRng;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::{
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::actions::Executor;
+use crate::config::Config;
+use crate::health::{facts, Sampler, SystemFacts};
+use crate::uplink::backoff::{Backoff, STABLE_AFTER};
+use crate::uplink::{tls, ConnectError, Dialer, WsStream};
+
+/// The agent reconnects when it has heard nothing from the collector (no
+/// frame, not even a ping) for this many intervals: the TCP connection is
+/// probably half-open.
+pub const SILENCE_INTERVALS: u32 = 3;
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let token = config.token()?;
+    let tls = tls::client_config(config.ca_file.as_deref())?;
+    let dialer = Dialer::new(config.collector.clone(), token, tls);
+    let facts = facts(&config.root);
+    let executor = Executor::open(&config, facts.boot_id.clone())?;
+    let (pulse_tx, pulse_rx) = watch::channel(None);
+    let sampler = tokio::spawn(sample_loop(
+        Sampler::new(config.root.clone(), config.disk_path.clone()),
+        config.interval,
+        pulse_tx,
+    ));
+    notify_ready();
+    let mut agent = Agent { config, dialer, facts, pulse_rx, executor };
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = agent.connect_loop() => {}
+        () = &mut shutdown => info!("shutting down"),
+    }
+    sampler.abort();
+    agent.executor.shutdown().await;
+    Ok(())
+}
+
+/// Samples health every `interval` and publishes the newest pulse.
+async fn sample_loop(mut sampler: Sampler, interval: Duration, tx: watch::Sender<Option<Pulse>>) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick is immediate; skip it so the first CPU sample covers a
+    // whole interval rather than a few microseconds.
+    ticker.tick().await;
+    let mut seq: u32 = 0;
+    loop {
+        ticker.tick().await;
+        seq = seq.wrapping_add(1).max(1);
+        let health = sampler.sample();
+        notify_watchdog();
+        if tx.send(Some(Pulse { seq, health })).is_err() {
+            return;
+        }
+    }
+}
+
+struct Agent {
+    config: Config,
+    dialer: Dialer,
+    facts: SystemFacts,
+    pulse_rx: watch::Receiver<Option<Pulse>>,
+    executor: Executor,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The collector closed the connection.
+    Closed(Option<(u16, String)>),
+    /// Nothing heard from the collector for [`SILENCE_INTERVALS`] intervals.
+    Silent,
+    /// Read or write failed.
+    Error(String),
+}
+
+impl Agent {
+    async fn connect_loop(&mut self) {
+        let mut backoff = Backoff::default();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        // Only a change of failure kind is logged at warn; repeats go to debug.
+        let mut last_failure: Option<&'static str> = None;
+        loop {
+            match self.dialer.connect().await {
+                Ok(ws) => {
+                    info!(collector = %self.config.collector.url, "connected");
+                    last_failure = None;
+                    let started = Instant::now();
+                    let end = self.session(ws).await;
+                    match &end {
+                        SessionEnd::Closed(Some((code, reason))) if *code == close::GOING_AWAY => {
+                            info!(code, %reason, "collector is going away; reconnecting")
+                        }
+                        SessionEnd::Closed(Some((code, reason))) => {
+                            warn!(code, %reason, "collector closed the connection")
+                        }
+                        SessionEnd::Closed(None) => warn!("collector closed the connection"),
+                        SessionEnd::Silent => warn!(
+                            "nothing heard from the collector for {} intervals; reconnecting",
+                            SILENCE_INTERVALS
+                        ),
+                        SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
+                    }
+                    if started.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => {
+                    if last_failure != Some(e.kind()) {
+                        match &e {
+                            ConnectError::Unauthorized | ConnectError::Tls { .. } => error!("{e}"),
+                            _ => warn!("{e}"),
+                        }
+                        last_failure = Some(e.kind());
+                    } else {
+                        debug!("{e}");
+                    }
+                }
+            }
+            let delay = backoff.next_delay(&mut rng);
+            debug!(?delay, "reconnecting after backoff");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let f = &self.facts;
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            device_id: self.config.device_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_id: f.boot_id.clone(),
+            hostname: f.hostname.clone(),
+            os: f.os.clone(),
+            kernel: f.kernel.clone(),
+            arch: f.arch.clone(),
+            board_model: f.board_model.clone(),
+            interval_ms: u32::try_from(self.config.interval.as_millis()).unwrap_or(u32::MAX),
+            tags: self.config.tags.clone(),
+            actions: self.executor.action_names(),
+        }
+    }
+
+    /// One connected session: Hello, then pulses out and bells in until the
+    /// connection ends.
+    async fn session(&mut self, mut ws: WsStream) -> SessionEnd {
+        if let Err(e) = send(&mut ws, &AgentMsg::Hello(self.hello())).await {
+            return SessionEnd::Error(e);
+        }
+        let silence = self.config.interval * SILENCE_INTERVALS;
+        let mut deadline = Instant::now() + silence;
+        // Don't resend a pulse that was already sent on a previous connection.
+        self.pulse_rx.mark_unchanged();
+        let (report_tx, mut report_rx) = mpsc::channel::<BellReport>(64);
+        self.executor.attach(report_tx).await;
+        let end = loop {
+            tokio::select! {
+                changed = self.pulse_rx.changed() => {
+                    if changed.is_err() {
+                        break SessionEnd::Error("sampler stopped".into());
+                    }
+                    let pulse = self.pulse_rx.borrow_and_update().clone();
+                    if let Some(pulse) = pulse {
+                        if let Err(e) = send(&mut ws, &AgentMsg::Pulse(pulse)).await {
+                            break SessionEnd::Error(e);
+                        }
+                    }
+                }
+                Some(report) = report_rx.recv() => {
+                    if let Err(e) = send(&mut ws, &AgentMsg::BellReport(report)).await {
+                        break SessionEnd::Error(e);
+                    }
+                }
+                frame = ws.next() => {
+                    deadline = Instant::now() + silence;
+                    match frame {
+                        None => break SessionEnd::Closed(None),
+                        Some(Err(e)) => break SessionEnd::Error(e.to_string()),
+                        Some(Ok(Message::Binary(bytes))) => match decode::<ServerMsg>(&bytes) {
+                            Ok(msg) => self.on_server_msg(msg).await,
+                            Err(e) => warn!(error = %e, "ignoring a message from the collector that does not decode"),
+                        },
+                        Some(Ok(Message::Close(frame))) => {
+                            break SessionEnd::Closed(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                        }
+                        Some(Ok(_)) => {} // pings are answered by tungstenite
+                    }
+                }
+                () = sleep_until(deadline) => break SessionEnd::Silent,
+            }
+        };
+        self.executor.detach().await;
+        if !matches!(end, SessionEnd::Closed(_) | SessionEnd::Error(_)) {
+            let frame = CloseFrame { code: CloseCode::Normal, reason: "reconnecting".into() };
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+        }
+        end
+    }
+
+    async fn on_server_msg(&mut self, msg: ServerMsg) {
+        match msg {
+            ServerMsg::Welcome(w) => {
+                info!(generation = w.generation, offline_after_ms = w.offline_after_ms, "welcomed by the collector");
+                if u128::from(w.interval_ms) != self.config.interval.as_millis() {
+                    warn!(accepted_ms = w.interval_ms, "the collector accepted a different interval");
+                }
+            }
+            ServerMsg::Bell(bell) => self.executor.ring(bell).await,
+            ServerMsg::Cancel(id) => self.executor.cancel(id).await,
+        }
+    }
+}
+
+async fn send(ws: &mut WsStream, msg: &AgentMsg) -> Result<(), String> {
+    let bytes = encode(msg).map_err(|e| e.to_string())?;
+    ws.send(Message::Binary(bytes.into())).await.map_err(|e| e.to_string())
+}
+
+/// Tells systemd (`Type=notify`) that the agent is configured and running.
+fn notify_ready() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Pets systemd's watchdog. Called from the sampling loop: if that loop
+/// stalls, the pings stop and systemd restarts the agent.
+fn notify_watchdog() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+}

@@ -1,0 +1,149 @@
+//! The uplink: one TLS WebSocket connection to the collector.
+//!
+//! [`Dialer`] opens a connection (TCP → TLS with a verified server
+//! certificate → WebSocket upgrade with the device token and the
+//! `pulsebell.v1` subprotocol). The reconnect policy lives in [`backoff`];
+//! what flows over an open connection is the daemon's business
+//! (`crate::run`).
+
+pub mod backoff;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pulsebell_proto::{SUBPROTOCOL, MAX_FRAME};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_tungstenite::tungstenite::{
+    self,
+    client::IntoClientRequest,
+    http::{header, HeaderValue, StatusCode},
+    protocol::WebSocketConfig,
+};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::CollectorUrl;
+
+/// An open connection to the collector.
+pub type WsStream = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Time allowed for TCP, TLS and the upgrade together.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a connection attempt failed. Each variant is one kind of log line:
+/// the daemon logs when the kind changes, not on every retry.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed (collector down, network unreachable, DNS).
+    #[error("cannot reach {addr}: {source}")]
+    Tcp {
+        /// host:port
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS handshake failed: most often the collector's certificate is not
+    /// signed by the configured CA or does not name the host.
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls {
+        /// Host name checked against the certificate.
+        host: String,
+        /// The error (rustls errors arrive wrapped in io::Error).
+        source: std::io::Error,
+    },
+    /// The collector refused the token (HTTP 401).
+    #[error("the collector refused this device's token (HTTP 401); enroll again and update the token")]
+    Unauthorized,
+    /// The collector answered the upgrade with another HTTP status.
+    #[error("the collector refused the WebSocket upgrade: HTTP {0}")]
+    Refused(StatusCode),
+    /// Any other WebSocket handshake failure.
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(tungstenite::Error),
+    /// The whole attempt took longer than [`CONNECT_TIMEOUT`].
+    #[error("connection attempt timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl ConnectError {
+    /// A short stable name for the kind of failure (for logs and metrics).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::Tcp { .. } => "tcp",
+            ConnectError::Tls { .. } => "tls",
+            ConnectError::Unauthorized => "unauthorized",
+            ConnectError::Refused(_) => "refused",
+            ConnectError::Handshake(_) => "handshake",
+            ConnectError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// WebSocket settings for a device: small buffers (pulses are tens of
+/// bytes; tungstenite's defaults are 128 KiB each) and the protocol's frame
+/// limit.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_FRAME * 4)
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+}
+
+/// Opens connections to one collector with one identity.
+#[derive(Clone)]
+pub struct Dialer {
+    url: CollectorUrl,
+    token: String,
+    tls: TlsConnector,
+}
+
+impl Dialer {
+    /// A dialer for `url`, authenticating with `token`, trusting `tls`'s roots.
+    pub fn new(url: CollectorUrl, token: String, tls: Arc<rustls::ClientConfig>) -> Self {
+        Dialer { url, token, tls: TlsConnector::from(tls) }
+    }
+
+    /// Opens one connection: TCP, TLS, WebSocket upgrade.
+    pub async fn connect(&self) -> Result<WsStream, ConnectError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner())
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
+    }
+
+    async fn connect_inner(&self) -> Result<WsStream, ConnectError> {
+        let addr = format!("{}:{}", self.url.host, self.url.port);
+        let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|source| ConnectError::Tcp { addr: addr.clone(), source })?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.url.host.clone()).map_err(|e| ConnectError::Tls {
+            host: self.url.host.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ConnectError::Tls { host: self.url.host.clone(), source })?;
+        let mut request = self.url.url.as_str().into_client_request().map_err(ConnectError::Handshake)?;
+        let headers = request.headers_mut();
+        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.token))
+            .map_err(|e| ConnectError::Handshake(tungstenite::Error::HttpFormat(e.into())))?;
+        headers.insert(header::AUTHORIZATION, bearer);
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config()))
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    ConnectError::Unauthorized
+                }
+                tungstenite::Error::Http(resp) => ConnectError::Refused(resp.status()),
+                other => ConnectError::Handshake(other),
+            })?;
+        Ok(ws)
+    }
+}
