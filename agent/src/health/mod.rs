@@ -146,37 +146,7 @@ impl Sampler {
 /// Renders a sample in human units (percent, load, bytes, °C) for JSON APIs
 /// and logs, where fixed-point wire units would only confuse readers.
 pub fn to_json(h: &Health) -> Value {
-    const KIB: u64 = 1024;
-    const MIB: u64 = 1024 * 1024;
-    let throttled = h.throttled.map(|t| {
-        json!({
-            "under_voltage_now": t.now(Throttled::UNDER_VOLTAGE),
-            "freq_capped_now": t.now(Throttled::FREQ_CAPPED),
-            "throttled_now": t.now(Throttled::THROTTLED),
-            "soft_temp_limit_now": t.now(Throttled::SOFT_TEMP_LIMIT),
-            "under_voltage_since_boot": t.since_boot(Throttled::UNDER_VOLTAGE),
-            "freq_capped_since_boot": t.since_boot(Throttled::FREQ_CAPPED),
-            "throttled_since_boot": t.since_boot(Throttled::THROTTLED),
-            "soft_temp_limit_since_boot": t.since_boot(Throttled::SOFT_TEMP_LIMIT),
-        })
-    });
-    json!({
-        "cpu_percent": h.cpu_percent(),
-        "load1": f64::from(h.load1_centi) / 100.0,
-        "load5": f64::from(h.load5_centi) / 100.0,
-        "load15": f64::from(h.load15_centi) / 100.0,
-        "mem_total_bytes": h.mem_total_kib.saturating_mul(KIB),
-        "mem_used_bytes": h.mem_used_kib.saturating_mul(KIB),
-        "swap_total_bytes": h.swap_total_kib.saturating_mul(KIB),
-        "swap_used_bytes": h.swap_used_kib.saturating_mul(KIB),
-        "disk_total_bytes": h.disk_total_mib.saturating_mul(MIB),
-        "disk_used_bytes": h.disk_used_mib.saturating_mul(MIB),
-        "temp_celsius": h.temp_celsius(),
-        "uptime_secs": h.uptime_secs,
-        "net_rx_bytes_per_sec": h.net_rx_bps,
-        "net_tx_bytes_per_sec": h.net_tx_bps,
-        "throttled": throttled,
-    })
+    serde_json::to_value(pulsebell_proto::view::HealthView::from(h)).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
