@@ -22,8 +22,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pulsebell_proto::{Health, Throttled};
-use serde_json::{json, Value};
+use pulsebell_proto::Health;
+use serde_json::Value;
 
 mod disk;
 mod facts;
@@ -152,6 +152,8 @@ pub fn to_json(h: &Health) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pulsebell_proto::Throttled;
+    use serde_json::json;
     use std::fs;
     use tempfile::TempDir;
 
