@@ -141,7 +141,8 @@ impl Executor {
     }
 
     fn finish(&self, r: BellReport) {
-        if let Err(e) = self.inner.journal.lock().expect("journal lock").put(r.id, Entry::Done(JournaledReport::from_report(&r)))
+        if let Err(e) =
+            self.inner.journal.lock().expect("journal lock").put(r.id, Entry::Done(JournaledReport::from_report(&r)))
         {
             warn!(bell = r.id, error = %e, "cannot journal the outcome");
         }

@@ -250,9 +250,7 @@ impl Config {
             }
             (Some(f), None) => TokenSource::File(f),
             (None, Some(t)) => TokenSource::Inline(t),
-            (None, None) => {
-                return Err(ConfigError::new(keys::TOKEN_FILE, "missing: set `token_file` (or `token`)"))
-            }
+            (None, None) => return Err(ConfigError::new(keys::TOKEN_FILE, "missing: set `token_file` (or `token`)")),
         };
         let interval = raw.interval.unwrap_or(DEFAULT_INTERVAL);
         let ms = interval.as_millis();
@@ -358,7 +356,10 @@ fn validate_action(name: &str, raw: RawAction) -> Result<Action, ConfigError> {
     let mut params = BTreeMap::new();
     for (pname, pattern) in patterns {
         if !pname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || pname.is_empty() {
-            return Err(ConfigError::new(key(".params"), format!("`{pname}`: parameter names use letters, digits and '_'")));
+            return Err(ConfigError::new(
+                key(".params"),
+                format!("`{pname}`: parameter names use letters, digits and '_'"),
+            ));
         }
         // Anchor the whole value, whatever the pattern says, so a pattern
         // like "[0-9]+" cannot let "1; rm -rf /" through.

@@ -8,7 +8,11 @@ use pulsebell_agent::config::{Config, DEFAULT_CONFIG, EX_CONFIG};
 use pulsebell_agent::{health, run};
 
 #[derive(Parser)]
-#[command(name = "pulsebell-agent", version, about = "Pulsebell device agent: pulses health to the collector, runs allowlisted actions")]
+#[command(
+    name = "pulsebell-agent",
+    version,
+    about = "Pulsebell device agent: pulses health to the collector, runs allowlisted actions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -149,7 +153,12 @@ fn render_table(facts: &health::SystemFacts, h: &pulsebell_proto::Health) -> Str
         ("cpu", format!("{:.1} %", h.cpu_percent())),
         (
             "load",
-            format!("{:.2} {:.2} {:.2}", h.load1_centi as f64 / 100.0, h.load5_centi as f64 / 100.0, h.load15_centi as f64 / 100.0),
+            format!(
+                "{:.2} {:.2} {:.2}",
+                h.load1_centi as f64 / 100.0,
+                h.load5_centi as f64 / 100.0,
+                h.load15_centi as f64 / 100.0
+            ),
         ),
         ("memory", format!("{:.2} / {:.2} GiB", gib(h.mem_used_kib), gib(h.mem_total_kib))),
         ("swap", format!("{:.2} / {:.2} GiB", gib(h.swap_used_kib), gib(h.swap_total_kib))),

@@ -115,10 +115,9 @@ impl Agent {
                             warn!(code, %reason, "collector closed the connection")
                         }
                         SessionEnd::Closed(None) => warn!("collector closed the connection"),
-                        SessionEnd::Silent => warn!(
-                            "nothing heard from the collector for {} intervals; reconnecting",
-                            SILENCE_INTERVALS
-                        ),
+                        SessionEnd::Silent => {
+                            warn!("nothing heard from the collector for {} intervals; reconnecting", SILENCE_INTERVALS)
+                        }
                         SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
                     }
                     if started.elapsed() >= STABLE_AFTER {

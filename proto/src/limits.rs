@@ -48,9 +48,7 @@ pub fn valid_device_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_DEVICE_ID
         && !id.starts_with(['.', '-'])
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Whether `tag` is a valid tag: like a device id, at most [`MAX_TAG`] bytes.

@@ -69,10 +69,7 @@ fn typical_pulse_is_at_most_48_bytes() {
 #[test]
 fn golden_pulse() {
     let msg = AgentMsg::Pulse(Pulse { seq: 300, health: typical_health() });
-    assert_eq!(
-        hex(&encode(&msg).unwrap()),
-        "01ac021f080c09cc88ed01b09519fc9f0600ace701fa24019c07b58f10a60e90070100"
-    );
+    assert_eq!(hex(&encode(&msg).unwrap()), "01ac021f080c09cc88ed01b09519fc9f0600ace701fa24019c07b58f10a60e90070100");
 }
 
 #[test]

@@ -29,9 +29,7 @@ pub struct SystemFacts {
 /// Never fails: what cannot be read is empty, the documented default or
 /// `None`.
 pub fn facts(root: &Path) -> SystemFacts {
-    let trimmed = |rel: &str| {
-        read_text(&root.join(rel)).map_or_else(String::new, |s| truncate(s.trim().to_owned()))
-    };
+    let trimmed = |rel: &str| read_text(&root.join(rel)).map_or_else(String::new, |s| truncate(s.trim().to_owned()));
     // The os-release spec: read /etc first, /usr/lib only if it is absent.
     let os = read_text(&root.join("etc/os-release"))
         .or_else(|| read_text(&root.join("usr/lib/os-release")))
@@ -114,13 +112,10 @@ pub(super) fn clean_dmi_product(s: &str) -> Option<String> {
 
 /// Board model: device tree (ARM boards) first, then DMI (PCs, some SBCs).
 fn board_model(root: &Path) -> Option<String> {
-    [
-        "proc/device-tree/model",
-        "sys/firmware/devicetree/base/model",
-    ]
-    .iter()
-    .find_map(|rel| clean_dt_model(&read_text(&root.join(rel))?))
-    .or_else(|| clean_dmi_product(&read_text(&root.join("sys/class/dmi/id/product_name"))?))
+    ["proc/device-tree/model", "sys/firmware/devicetree/base/model"]
+        .iter()
+        .find_map(|rel| clean_dt_model(&read_text(&root.join(rel))?))
+        .or_else(|| clean_dmi_product(&read_text(&root.join("sys/class/dmi/id/product_name"))?))
 }
 
 #[cfg(test)]
@@ -141,19 +136,10 @@ mod tests {
             pretty_name("NAME=x\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n").as_deref(),
             Some("Debian GNU/Linux 12 (bookworm)")
         );
-        assert_eq!(
-            pretty_name("PRETTY_NAME='Alpine Linux v3.20'").as_deref(),
-            Some("Alpine Linux v3.20")
-        );
+        assert_eq!(pretty_name("PRETTY_NAME='Alpine Linux v3.20'").as_deref(), Some("Alpine Linux v3.20"));
         assert_eq!(pretty_name("PRETTY_NAME=Arch").as_deref(), Some("Arch"));
-        assert_eq!(
-            pretty_name("PRETTY_NAME=Old\nPRETTY_NAME=New\n").as_deref(),
-            Some("New")
-        );
-        assert_eq!(
-            pretty_name(r#"PRETTY_NAME="My \"Pi\" \\ \$5 \n""#).as_deref(),
-            Some(r#"My "Pi" \ $5 \n"#)
-        );
+        assert_eq!(pretty_name("PRETTY_NAME=Old\nPRETTY_NAME=New\n").as_deref(), Some("New"));
+        assert_eq!(pretty_name(r#"PRETTY_NAME="My \"Pi\" \\ \$5 \n""#).as_deref(), Some(r#"My "Pi" \ $5 \n"#));
         assert_eq!(pretty_name("PRETTY_NAME=\"\"\n"), None);
         assert_eq!(pretty_name("NAME=Debian\n#PRETTY_NAME=x\n"), None);
     }
@@ -165,10 +151,7 @@ mod tests {
             Some("Raspberry Pi 5 Model B Rev 1.0")
         );
         assert_eq!(clean_dt_model("\0\0"), None);
-        assert_eq!(
-            clean_dmi_product("OptiPlex 7050\n").as_deref(),
-            Some("OptiPlex 7050")
-        );
+        assert_eq!(clean_dmi_product("OptiPlex 7050\n").as_deref(), Some("OptiPlex 7050"));
         assert_eq!(clean_dmi_product("To Be Filled By O.E.M.\n"), None);
         assert_eq!(clean_dmi_product("Default string"), None);
         assert_eq!(clean_dmi_product("  \n"), None);
@@ -188,11 +171,7 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let r = dir.path();
         put(r, "usr/lib/os-release", "PRETTY_NAME=\"Fedora Linux 40\"\n");
-        put(
-            r,
-            "sys/firmware/devicetree/base/model",
-            "Pine64 RockPro64\0",
-        );
+        put(r, "sys/firmware/devicetree/base/model", "Pine64 RockPro64\0");
         put(r, "sys/class/dmi/id/product_name", "ignored\n");
         put(r, "proc/sys/kernel/hostname", &"é".repeat(200));
         let f = facts(r);

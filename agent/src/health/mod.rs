@@ -164,12 +164,10 @@ mod tests {
         fs::write(path, contents).unwrap();
     }
 
-    const STAT_1: &str =
-        "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\nintr 1 2 3\n";
+    const STAT_1: &str = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 100 0 50 800 50 0 0 0 0 0\nintr 1 2 3\n";
     // Deltas: user 200 (of which 40 guest, already counted in user), system
     // 50, idle 550, iowait 100, irq 50, softirq 50 → total 1000, busy 350.
-    const STAT_2: &str =
-        "cpu  300 0 100 1350 150 50 50 0 40 0\ncpu0 300 0 100 1350 150 50 50 0 40 0\nintr 1 2 3\n";
+    const STAT_2: &str = "cpu  300 0 100 1350 150 50 50 0 40 0\ncpu0 300 0 100 1350 150 50 50 0 40 0\nintr 1 2 3\n";
 
     const NET_1: &str = "\
 Inter-|   Receive                                                |  Transmit
@@ -205,30 +203,18 @@ Inter-|   Receive                                                |  Transmit
         put(r, "proc/net/dev", NET_1);
         put(r, "proc/sys/kernel/hostname", "pi-kitchen\n");
         put(r, "proc/sys/kernel/osrelease", "6.6.31+rpt-rpi-v8\n");
-        put(
-            r,
-            "proc/sys/kernel/random/boot_id",
-            "1c2b0e6e-8d1a-4c9e-9f0e-3b7d2a1f0c55\n",
-        );
+        put(r, "proc/sys/kernel/random/boot_id", "1c2b0e6e-8d1a-4c9e-9f0e-3b7d2a1f0c55\n");
         put(
             r,
             "etc/os-release",
             "NAME=\"Debian GNU/Linux\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n",
         );
-        put(
-            r,
-            "proc/device-tree/model",
-            "Raspberry Pi 4 Model B Rev 1.4\0",
-        );
+        put(r, "proc/device-tree/model", "Raspberry Pi 4 Model B Rev 1.4\0");
         put(r, "sys/class/thermal/thermal_zone0/temp", "51234\n");
         put(r, "sys/class/thermal/thermal_zone1/temp", "40000\n");
         put(r, "sys/class/hwmon/hwmon0/name", "cpu_thermal\n");
         put(r, "sys/class/hwmon/hwmon0/temp1_input", "53470\n");
-        put(
-            r,
-            "sys/devices/platform/soc/soc:firmware/get_throttled",
-            "0x50005\n",
-        );
+        put(r, "sys/devices/platform/soc/soc:firmware/get_throttled", "0x50005\n");
         dir
     }
 
@@ -242,10 +228,7 @@ Inter-|   Receive                                                |  Transmit
         let h = s.sample_with_elapsed(Duration::from_secs(2));
 
         assert_eq!(h.cpu_permille, 350);
-        assert_eq!(
-            (h.load1_centi, h.load5_centi, h.load15_centi),
-            (15, 150, 205)
-        );
+        assert_eq!((h.load1_centi, h.load5_centi, h.load15_centi), (15, 150, 205));
         assert_eq!(h.mem_total_kib, 3_884_096);
         assert_eq!(h.mem_used_kib, 3_884_096 - 2_884_096);
         assert_eq!(h.swap_total_kib, 102_396);
@@ -275,11 +258,7 @@ Inter-|   Receive                                                |  Transmit
         let r = dir.path();
         let mut s = Sampler::new(r, r);
         // eth0 was re-created (counters restarted low), wlan0 moved 4000/2000.
-        put(
-            r,
-            "proc/net/dev",
-            &NET_2.replace("300000", "1000").replace("110000", "500"),
-        );
+        put(r, "proc/net/dev", &NET_2.replace("300000", "1000").replace("110000", "500"));
         let h = s.sample_with_elapsed(Duration::from_secs(2));
         assert_eq!((h.net_rx_bps, h.net_tx_bps), (2_000, 1_000));
     }
@@ -333,22 +312,12 @@ Inter-|   Receive                                                |  Transmit
     fn malformed_sources_give_zeros_and_none() {
         let dir = TempDir::new().unwrap();
         let r = dir.path();
-        for rel in [
-            "proc/stat",
-            "proc/loadavg",
-            "proc/meminfo",
-            "proc/uptime",
-            "proc/net/dev",
-        ] {
+        for rel in ["proc/stat", "proc/loadavg", "proc/meminfo", "proc/uptime", "proc/net/dev"] {
             put(r, rel, "garbage \u{0} nan -1\n");
         }
         put(r, "sys/class/thermal/thermal_zone0/temp", "-274000\n");
         put(r, "sys/class/hwmon/hwmon0/temp1_input", "999999\n");
-        put(
-            r,
-            "sys/devices/platform/soc/soc:firmware/get_throttled",
-            "zz\n",
-        );
+        put(r, "sys/devices/platform/soc/soc:firmware/get_throttled", "zz\n");
         let mut s = Sampler::new(r, r.join("missing"));
         let h = s.sample_with_elapsed(Duration::from_secs(1));
         assert_eq!(h, Health::default());

@@ -25,9 +25,7 @@ pub(super) struct CpuTimes {
 /// already counts them in `user` and `nice`. Kernels before 2.6 print only
 /// four fields; missing later fields count as 0.
 pub(super) fn parse_cpu(stat: &str) -> Option<CpuTimes> {
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu ") || l.starts_with("cpu\t"))?;
+    let line = stat.lines().find(|l| l.starts_with("cpu ") || l.starts_with("cpu\t"))?;
     let mut fields = [0u64; 8];
     let mut count = 0;
     for (slot, token) in fields.iter_mut().zip(line.split_whitespace().skip(1)) {
@@ -38,10 +36,7 @@ pub(super) fn parse_cpu(stat: &str) -> Option<CpuTimes> {
         return None;
     }
     let total = fields.iter().fold(0u64, |a, &v| a.saturating_add(v));
-    Some(CpuTimes {
-        total,
-        idle: fields[3].saturating_add(fields[4]),
-    })
+    Some(CpuTimes { total, idle: fields[3].saturating_add(fields[4]) })
 }
 
 /// Busy share of CPU time between two readings, in 0.1 % (rounded).
@@ -122,9 +117,7 @@ pub(super) fn parse_meminfo(s: &str) -> Memory {
     if let Some(total) = get("MemTotal") {
         let available = get("MemAvailable").or_else(|| {
             let free = get("MemFree")?;
-            let cache = get("Buffers")
-                .unwrap_or(0)
-                .saturating_add(get("Cached").unwrap_or(0));
+            let cache = get("Buffers").unwrap_or(0).saturating_add(get("Cached").unwrap_or(0));
             Some(free.saturating_add(cache))
         });
         if let Some(available) = available {
@@ -223,9 +216,7 @@ pub(super) fn net_rates(
         rx += u128::from(c.rx.saturating_sub(p.rx));
         tx += u128::from(c.tx.saturating_sub(p.tx));
     }
-    let rate = |bytes: u128| {
-        u64::try_from((bytes * 1_000_000_000 + nanos / 2) / nanos).unwrap_or(u64::MAX)
-    };
+    let rate = |bytes: u128| u64::try_from((bytes * 1_000_000_000 + nanos / 2) / nanos).unwrap_or(u64::MAX);
     (rate(rx), rate(tx))
 }
 
@@ -236,18 +227,9 @@ mod tests {
     #[test]
     fn cpu_line_parses_and_excludes_guest() {
         let t = parse_cpu("cpu  10 1 5 80 4 0 0 0 7 3\ncpu0 1 2 3 4\n").unwrap();
-        assert_eq!(
-            t,
-            CpuTimes {
-                total: 100,
-                idle: 84
-            }
-        );
+        assert_eq!(t, CpuTimes { total: 100, idle: 84 });
         // Four-field kernels.
-        assert_eq!(
-            parse_cpu("cpu 1 2 3 4\n").unwrap(),
-            CpuTimes { total: 10, idle: 4 }
-        );
+        assert_eq!(parse_cpu("cpu 1 2 3 4\n").unwrap(), CpuTimes { total: 10, idle: 4 });
         // Per-core lines alone, short or malformed lines are rejected.
         assert_eq!(parse_cpu("cpu0 1 2 3 4 5\n"), None);
         assert_eq!(parse_cpu("cpu  1 2 3\n"), None);
@@ -257,63 +239,21 @@ mod tests {
 
     #[test]
     fn cpu_permille_is_busy_share_rounded() {
-        let a = CpuTimes {
-            total: 1000,
-            idle: 850,
-        };
-        assert_eq!(
-            cpu_permille(
-                &a,
-                &CpuTimes {
-                    total: 2000,
-                    idle: 1500
-                }
-            ),
-            350
-        );
+        let a = CpuTimes { total: 1000, idle: 850 };
+        assert_eq!(cpu_permille(&a, &CpuTimes { total: 2000, idle: 1500 }), 350);
         // 1/3 busy → 333.3 → 333; 2/3 → 666.7 → 667.
-        assert_eq!(
-            cpu_permille(
-                &a,
-                &CpuTimes {
-                    total: 1003,
-                    idle: 852
-                }
-            ),
-            333
-        );
-        assert_eq!(
-            cpu_permille(
-                &a,
-                &CpuTimes {
-                    total: 1003,
-                    idle: 851
-                }
-            ),
-            667
-        );
+        assert_eq!(cpu_permille(&a, &CpuTimes { total: 1003, idle: 852 }), 333);
+        assert_eq!(cpu_permille(&a, &CpuTimes { total: 1003, idle: 851 }), 667);
         // No time passed, or counters went backwards.
         assert_eq!(cpu_permille(&a, &a), 0);
         assert_eq!(cpu_permille(&a, &CpuTimes { total: 10, idle: 5 }), 0);
         // Idle (iowait) stepping backwards never exceeds 100 %.
-        assert_eq!(
-            cpu_permille(
-                &a,
-                &CpuTimes {
-                    total: 1100,
-                    idle: 700
-                }
-            ),
-            1000
-        );
+        assert_eq!(cpu_permille(&a, &CpuTimes { total: 1100, idle: 700 }), 1000);
     }
 
     #[test]
     fn loadavg_in_hundredths() {
-        assert_eq!(
-            parse_loadavg("0.15 1.50 12.07 3/456 789\n"),
-            Some([15, 150, 1207])
-        );
+        assert_eq!(parse_loadavg("0.15 1.50 12.07 3/456 789\n"), Some([15, 150, 1207]));
         assert_eq!(parse_loadavg("0.00 0.01 0.005"), Some([0, 1, 1]));
         assert_eq!(parse_loadavg("0.15 1.50"), None);
         assert_eq!(parse_loadavg("nan 1 1"), None);
@@ -326,31 +266,20 @@ mod tests {
             "MemTotal: 1000 kB\nMemFree: 100 kB\nMemAvailable: 700 kB\nBuffers: 50 kB\n\
              Cached: 300 kB\nSwapTotal: 500 kB\nSwapFree: 400 kB\n",
         );
-        assert_eq!(
-            m,
-            Memory {
-                mem_total_kib: 1000,
-                mem_used_kib: 300,
-                swap_total_kib: 500,
-                swap_used_kib: 100
-            }
-        );
+        assert_eq!(m, Memory { mem_total_kib: 1000, mem_used_kib: 300, swap_total_kib: 500, swap_used_kib: 100 });
     }
 
     #[test]
     fn meminfo_fallback_and_missing_keys() {
         // No MemAvailable: free + buffers + cached = 450.
-        let m =
-            parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 300 kB\n");
+        let m = parse_meminfo("MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 300 kB\n");
         assert_eq!((m.mem_total_kib, m.mem_used_kib), (1000, 550));
         assert_eq!((m.swap_total_kib, m.swap_used_kib), (0, 0));
         // Nothing to compute "available" from: no guess.
         assert_eq!(parse_meminfo("MemTotal: 1000 kB\n"), Memory::default());
         assert_eq!(parse_meminfo("garbage"), Memory::default());
         // Available larger than total (never seen, but must not wrap).
-        let m = parse_meminfo(
-            "MemTotal: 10 kB\nMemAvailable: 20 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n",
-        );
+        let m = parse_meminfo("MemTotal: 10 kB\nMemAvailable: 20 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n");
         assert_eq!(m.mem_used_kib, 0);
     }
 
@@ -381,25 +310,16 @@ Inter-|   Receive                                                |  Transmit
     }
 
     fn counters(list: &[(&str, u64, u64)]) -> BTreeMap<String, NetCounters> {
-        list.iter()
-            .map(|&(n, rx, tx)| (n.to_owned(), NetCounters { rx, tx }))
-            .collect()
+        list.iter().map(|&(n, rx, tx)| (n.to_owned(), NetCounters { rx, tx })).collect()
     }
 
     #[test]
     fn net_rates_per_interface() {
         let prev = counters(&[("eth0", 1000, 500), ("wlan0", 100, 100), ("usb0", 9, 9)]);
-        let cur = counters(&[
-            ("eth0", 3000, 1500),
-            ("wlan0", 100, 100),
-            ("wg0", 1 << 40, 1 << 40),
-        ]);
+        let cur = counters(&[("eth0", 3000, 1500), ("wlan0", 100, 100), ("wg0", 1 << 40, 1 << 40)]);
         // New wg0 and vanished usb0 do not count; eth0 moved 2000/1000 in 2 s.
         assert_eq!(net_rates(&prev, &cur, Duration::from_secs(2)), (1000, 500));
-        assert_eq!(
-            net_rates(&prev, &cur, Duration::from_millis(500)),
-            (4000, 2000)
-        );
+        assert_eq!(net_rates(&prev, &cur, Duration::from_millis(500)), (4000, 2000));
         assert_eq!(net_rates(&prev, &cur, Duration::ZERO), (0, 0));
     }
 

@@ -31,11 +31,7 @@ fn entries(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         return Vec::new();
     };
     rd.filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with(prefix))
-        })
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(prefix)))
         .map(|e| e.path())
         .collect()
 }
@@ -49,16 +45,14 @@ fn is_hwmon_temp(name: &str) -> bool {
 
 /// Every temperature file under `root`'s thermal and hwmon classes.
 fn sensor_files(root: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = entries(&root.join("sys/class/thermal"), "thermal_zone")
-        .into_iter()
-        .map(|zone| zone.join("temp"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        entries(&root.join("sys/class/thermal"), "thermal_zone").into_iter().map(|zone| zone.join("temp")).collect();
     for hwmon in entries(&root.join("sys/class/hwmon"), "hwmon") {
-        files.extend(entries(&hwmon, "temp").into_iter().filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(is_hwmon_temp)
-        }));
+        files.extend(
+            entries(&hwmon, "temp")
+                .into_iter()
+                .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(is_hwmon_temp)),
+        );
     }
     files
 }
@@ -134,11 +128,7 @@ mod tests {
     #[test]
     fn only_implausible_readings_is_none() {
         let dir = TempDir::new().unwrap();
-        put(
-            dir.path(),
-            "sys/class/thermal/thermal_zone0/temp",
-            "-274000\n",
-        );
+        put(dir.path(), "sys/class/thermal/thermal_zone0/temp", "-274000\n");
         assert_eq!(max_temp(dir.path()), None);
     }
 }

@@ -18,10 +18,7 @@ const FIRMWARE: &str = "sys/devices/platform/soc/soc:firmware/get_throttled";
 /// Parses the firmware word, hex with or without `0x` (`0x50005`, `50005`).
 pub(super) fn parse_get_throttled(s: &str) -> Option<u32> {
     let s = s.trim();
-    let hex = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
+    let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
     if hex.is_empty() || hex.starts_with('+') {
         return None;
     }
@@ -38,15 +35,9 @@ fn find_rpi_volt(root: &Path) -> Option<PathBuf> {
     fs::read_dir(root.join("sys/class/hwmon"))
         .ok()?
         .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("hwmon"))
-        })
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("hwmon")))
         .map(|e| e.path())
-        .find(|dir| {
-            fs::read_to_string(dir.join("name")).is_ok_and(|name| name.trim() == "rpi_volt")
-        })
+        .find(|dir| fs::read_to_string(dir.join("name")).is_ok_and(|name| name.trim() == "rpi_volt"))
 }
 
 /// Reads the throttling state, or `None` off a Raspberry Pi.
@@ -67,9 +58,7 @@ pub(super) fn read(root: &Path, under_voltage_seen: &mut bool) -> Option<Throttl
     };
     // An unreadable alarm on a board that has the sensor is "not alarmed now",
     // but the board is still a Pi, so the since-boot flag is still reported.
-    let now = read_text(&dir.join("in0_lcrit_alarm"))
-        .and_then(|t| parse_alarm(&t))
-        .unwrap_or(false);
+    let now = read_text(&dir.join("in0_lcrit_alarm")).and_then(|t| parse_alarm(&t)).unwrap_or(false);
     *under_voltage_seen |= now;
     Some(from_alarm(now, *under_voltage_seen))
 }
@@ -147,11 +136,7 @@ mod tests {
     #[test]
     fn hwmon_without_rpi_volt_is_not_a_pi() {
         let dir = TempDir::new().unwrap();
-        put(
-            dir.path(),
-            "sys/class/hwmon/hwmon0/name",
-            "rpi_voltage_other\n",
-        );
+        put(dir.path(), "sys/class/hwmon/hwmon0/name", "rpi_voltage_other\n");
         put(dir.path(), "sys/class/hwmon/hwmon0/in0_lcrit_alarm", "1\n");
         let mut seen = false;
         assert_eq!(read(dir.path(), &mut seen), None);

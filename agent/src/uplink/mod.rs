@@ -12,7 +12,7 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pulsebell_proto::{SUBPROTOCOL, MAX_FRAME};
+use pulsebell_proto::{MAX_FRAME, SUBPROTOCOL};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};

@@ -1,0 +1,232 @@
+//! Admin API handlers.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::{AdminState, ApiError};
+use crate::bells::{BellView, RingRequest};
+use crate::fleet::{now_ms, rfc3339, DeviceView};
+use crate::store::{EventKind, EventRecord};
+
+/// Longest a request may wait for a bell to finish.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+#[derive(Deserialize)]
+pub struct EnrollRequest {
+    id: String,
+    #[serde(default)]
+    rotate: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Enrolled {
+    id: String,
+    token: Option<String>,
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if pulsebell_proto::valid_device_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{id}` is not a valid device id: use 1 to {} letters, digits, '.', '_' or '-'",
+                pulsebell_proto::MAX_DEVICE_ID
+            ),
+        ))
+    }
+}
+
+async fn enroll_ids(state: &AdminState, ids: Vec<String>, rotate: bool) -> Result<Vec<Enrolled>, ApiError> {
+    for id in &ids {
+        check_id(id)?;
+    }
+    let fleet = state.fleet.clone();
+    let out = tokio::task::spawn_blocking(move || fleet.enroll(&ids, rotate))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(out.into_iter().map(|(id, token)| Enrolled { id, token }).collect())
+}
+
+pub async fn enroll(
+    State(state): State<AdminState>,
+    Json(req): Json<EnrollRequest>,
+) -> Result<(StatusCode, Json<Enrolled>), ApiError> {
+    let mut out = enroll_ids(&state, vec![req.id.clone()], req.rotate).await?;
+    let e = out.pop().expect("one result per id");
+    if e.token.is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("device `{}` is already enrolled; use --rotate to issue a new token", req.id),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(e)))
+}
+
+#[derive(Deserialize)]
+pub struct BulkRequest {
+    ids: Vec<String>,
+    #[serde(default)]
+    rotate: bool,
+}
+
+pub async fn enroll_bulk(
+    State(state): State<AdminState>,
+    Json(req): Json<BulkRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if req.ids.len() > 100_000 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "at most 100000 ids per request".into()));
+    }
+    let out = enroll_ids(&state, req.ids, req.rotate).await?;
+    Ok(Json(serde_json::json!({ "enrolled": out })))
+}
+
+pub async fn list_devices(State(state): State<AdminState>) -> Json<Vec<DeviceView>> {
+    Json(state.fleet.views())
+}
+
+pub async fn show_device(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    state.fleet.view(&id).map(Json).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no enrolled device `{id}`")))
+}
+
+pub async fn revoke(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let fleet = state.fleet.clone();
+    let target = id.clone();
+    let existed = tokio::task::spawn_blocking(move || fleet.revoke(&target))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    if existed {
+        Ok(Json(serde_json::json!({ "revoked": id })))
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no enrolled device `{id}`")))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+pub async fn ring(
+    State(state): State<AdminState>,
+    Query(q): Query<WaitQuery>,
+    Json(req): Json<RingRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let mut bells = state.bells.ring(req).await?;
+    if let Some(ms) = q.wait_ms {
+        let wait = Duration::from_millis(ms).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        for b in bells.iter_mut() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            *b = state.bells.wait(b.id, left).await?;
+        }
+    }
+    let views: Vec<BellView> = bells.iter().map(BellView::from).collect();
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "bells": views }))))
+}
+
+#[derive(Deserialize)]
+pub struct ListBellsQuery {
+    device: Option<String>,
+    limit: Option<usize>,
+}
+
+pub async fn list_bells(
+    State(state): State<AdminState>,
+    Query(q): Query<ListBellsQuery>,
+) -> Result<Json<Vec<BellView>>, ApiError> {
+    let bells = state.bells.list(q.device.as_deref(), q.limit.unwrap_or(50)).await?;
+    Ok(Json(bells.iter().map(BellView::from).collect()))
+}
+
+pub async fn show_bell(
+    State(state): State<AdminState>,
+    Path(id): Path<u64>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<BellView>, ApiError> {
+    let bell = match q.wait_ms {
+        Some(ms) => state.bells.wait(id, Duration::from_millis(ms).min(MAX_WAIT)).await?,
+        None => state.bells.get(id).await?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no bell {id}")))?,
+    };
+    Ok(Json(BellView::from(&bell)))
+}
+
+pub async fn cancel_bell(State(state): State<AdminState>, Path(id): Path<u64>) -> Result<Json<BellView>, ApiError> {
+    let b = state.bells.cancel(id).await?;
+    Ok(Json(BellView::from(&b)))
+}
+
+/// A liveness event in JSON.
+#[derive(Serialize, Deserialize)]
+pub struct EventView {
+    device: String,
+    kind: EventKind,
+    reason: String,
+    at: String,
+    generation: u64,
+}
+
+impl From<EventRecord> for EventView {
+    fn from(e: EventRecord) -> Self {
+        EventView { device: e.device, kind: e.kind, reason: e.reason, at: rfc3339(e.at_ms), generation: e.generation }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    device: Option<String>,
+    since_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn events(
+    State(state): State<AdminState>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Vec<EventView>>, ApiError> {
+    // Events wait up to one write-back window in memory; write them now so
+    // the answer is complete.
+    let fleet = state.fleet.clone();
+    tokio::task::spawn_blocking(move || fleet.write_back())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let since = q.since_ms.unwrap_or(0);
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let events = state
+        .fleet
+        .store()
+        .events(q.device.as_deref(), since, limit)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(events.into_iter().map(EventView::from).collect()))
+}
+
+pub async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let s = &state.fleet.stats;
+    let failures: BTreeMap<String, u64> =
+        s.handshake_failures.lock().expect("stats lock").iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let views = state.fleet.views();
+    let online = views.iter().filter(|v| v.state == "online").count();
+    Json(serde_json::json!({
+        "time_ms": now_ms(),
+        "devices": views.len(),
+        "online": online,
+        "connections": s.connections.load(Ordering::Relaxed),
+        "pulses_accepted": s.pulses_accepted.load(Ordering::Relaxed),
+        "pulses_stored": s.pulses_stored.load(Ordering::Relaxed),
+        "bytes_received": s.bytes_received.load(Ordering::Relaxed),
+        "handshakes": s.handshakes.load(Ordering::Relaxed),
+        "handshake_failures": failures,
+    }))
+}

@@ -1,0 +1,100 @@
+//! The admin listener: a JSON HTTP API for the CLI and scripts, on
+//! loopback, every request authenticated with the admin token.
+//!
+//! Endpoints (all under `Authorization: Bearer <admin token>` except
+//! `/healthz`):
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/healthz` | liveness of the collector itself |
+//! | POST | `/v1/devices` | enroll `{id, rotate?}` → `{id, token}` |
+//! | POST | `/v1/devices/bulk` | enroll `{ids}` → `{enrolled: [{id, token}]}` |
+//! | GET | `/v1/devices` | every device ([`DeviceView`]) |
+//! | GET | `/v1/devices/{id}` | one device |
+//! | DELETE | `/v1/devices/{id}` | revoke |
+//! | POST | `/v1/bells?wait_ms=` | ring ([`RingRequest`]) → `{bells: [...]}` |
+//! | GET | `/v1/bells?device=&limit=` | recent bells |
+//! | GET | `/v1/bells/{id}?wait_ms=` | one bell, optionally waiting for its end |
+//! | POST | `/v1/bells/{id}/cancel` | cancel |
+//! | GET | `/v1/events?device=&since_ms=&limit=` | liveness events |
+//! | GET | `/v1/stats` | counters |
+
+mod api;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::bells::Bells;
+use crate::fleet::Fleet;
+use crate::gateway::auth;
+
+pub use crate::bells::{BellView, RingRequest};
+pub use crate::fleet::DeviceView;
+
+/// Shared state of the admin handlers.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The fleet.
+    pub fleet: Arc<Fleet>,
+    /// Bells.
+    pub bells: Arc<Bells>,
+    /// The admin token.
+    pub token: Arc<String>,
+}
+
+/// A JSON error: `{"error": "..."}` with a status.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<crate::bells::BellError> for ApiError {
+    fn from(e: crate::bells::BellError) -> Self {
+        use crate::bells::BellError::*;
+        let status = match &e {
+            Invalid(_) => StatusCode::BAD_REQUEST,
+            NotFound(_) => StatusCode::NOT_FOUND,
+            Conflict(_) => StatusCode::CONFLICT,
+            Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
+    match given {
+        Some(t) if auth::tokens_equal(t, &state.token) => next.run(req).await,
+        _ => ApiError(StatusCode::UNAUTHORIZED, "missing or invalid admin token".into()).into_response(),
+    }
+}
+
+/// The admin router.
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/v1/devices", get(api::list_devices).post(api::enroll))
+        .route("/v1/devices/bulk", post(api::enroll_bulk))
+        .route("/v1/devices/{id}", get(api::show_device).delete(api::revoke))
+        .route("/v1/bells", get(api::list_bells).post(api::ring))
+        .route("/v1/bells/{id}", get(api::show_bell))
+        .route("/v1/bells/{id}/cancel", post(api::cancel_bell))
+        .route("/v1/events", get(api::events))
+        .route("/v1/stats", get(api::stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new().route("/healthz", get(|| async { "ok\n" })).merge(api).with_state(state)
+}

@@ -1,0 +1,32 @@
+//! `events`: online/offline transitions.
+
+use std::time::Duration;
+
+use super::client::Client;
+use crate::fleet::now_ms;
+
+/// `events [DEVICE] [--since DUR] [--json]`.
+pub async fn list(client: &Client, device: Option<&str>, since: Option<Duration>, json: bool) -> anyhow::Result<()> {
+    let since_ms = since.map_or(0, |d| now_ms().saturating_sub(d.as_millis() as u64));
+    let mut path = format!("/v1/events?since_ms={since_ms}");
+    if let Some(d) = device {
+        path.push_str(&format!("&device={d}"));
+    }
+    let events: Vec<serde_json::Value> = client.get(&path).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+        return Ok(());
+    }
+    println!("{:<26} {:<20} {:<8} {:<20} GENERATION", "AT", "DEVICE", "KIND", "REASON");
+    for e in &events {
+        println!(
+            "{:<26} {:<20} {:<8} {:<20} {}",
+            e["at"].as_str().unwrap_or(""),
+            e["device"].as_str().unwrap_or(""),
+            e["kind"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            e["generation"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The `pulsebell-collector` command line: the server (`serve`), the demo,
+//! and the operator commands, which talk to the admin API. One file per
+//! group of subcommands.
+
+mod bell;
+mod client;
+mod demo;
+mod events;
+mod status;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+pub use client::{ApiError, Client, DEFAULT_ADMIN};
+
+use crate::config::{Config, DEFAULT_CONFIG, EX_CONFIG};
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./pulsebell-data";
+
+/// The command line.
+#[derive(Parser)]
+#[command(name = "pulsebell-collector", version, about = "Pulsebell collector: server and operator CLI")]
+pub struct Cli {
+    /// Admin API URL [default: the running collector's in --data-dir, else http://127.0.0.1:9180]
+    #[arg(long, global = true)]
+    pub admin: Option<String>,
+    /// Data directory (admin token, TLS material, database) [default: ./pulsebell-data]
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 10m, 1h"))
+}
+
+/// Subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the collector.
+    Serve {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Device listener address [default: 0.0.0.0:8443]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener address [default: 127.0.0.1:9180]
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+    },
+    /// Start a collector and three real agents on this machine, show the status table, clean up.
+    Demo {
+        /// How long to run.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Print the commented default config.
+    PrintDefaultConfig,
+    /// Validate a config file.
+    CheckConfig {
+        /// Config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Enroll a device; prints its token on the last line.
+    Enroll {
+        /// Device id.
+        id: String,
+        /// Issue a new token for an enrolled device (the old one stops working).
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Remove a device's enrolment and disconnect it.
+    Revoke {
+        /// Device id.
+        id: String,
+    },
+    /// One row per device.
+    Status {
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything known about one device.
+    Show {
+        /// Device id.
+        id: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ring a bell: run an allowlisted action on a device, or on every device with a tag.
+    Bell {
+        /// DEVICE ACTION, or ACTION with --tag.
+        #[arg(num_args = 1..=2, required = true, value_names = ["TARGET", "ACTION"])]
+        args: Vec<String>,
+        /// Every device with this tag instead of one device.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Parameter NAME=VALUE (repeatable).
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// How long to wait for an offline device [default: 1h]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Run-time limit [default: the action's]
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        /// Wait for the result; exit 0 only if every bell succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent bells.
+    Bells {
+        /// Only this device's.
+        device: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One bell with every transition.
+    BellShow {
+        /// Bell id.
+        id: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a bell.
+    Cancel {
+        /// Bell id.
+        id: u64,
+    },
+    /// Online/offline events.
+    Events {
+        /// Only this device's.
+        device: Option<String>,
+        /// Only events newer than this (e.g. 1h).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if let Some(ce) = e.downcast_ref::<crate::config::ConfigError>() {
+                let _ = ce;
+                return EX_CONFIG;
+            }
+            1
+        }
+    }
+}
+
+fn usage(msg: &str) -> anyhow::Result<i32> {
+    eprintln!("error: {msg}");
+    Ok(2)
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let data_dir_arg = cli.data_dir.clone();
+    let data_dir = data_dir_arg.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let client = || Client::new(cli.admin.as_deref(), &data_dir);
+    match cli.command {
+        Command::Serve { config, listen, admin_listen } => {
+            let mut config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if let Some(d) = data_dir_arg {
+                config.data_dir = d;
+            }
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            if let Some(a) = admin_listen {
+                config.admin_listen = a;
+            }
+            serve(config).await?;
+            Ok(0)
+        }
+        Command::Demo { duration } => {
+            demo::run(duration).await?;
+            Ok(0)
+        }
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            Ok(0)
+        }
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            println!(
+                "{}: ok (devices on {}, admin on {}, data in {})",
+                config.display(),
+                c.listen,
+                c.admin_listen,
+                c.data_dir.display()
+            );
+            Ok(0)
+        }
+        Command::Enroll { id, rotate } => {
+            let resp: serde_json::Value =
+                client()?.post("/v1/devices", &serde_json::json!({ "id": id, "rotate": rotate })).await?;
+            let token = resp["token"].as_str().unwrap_or_default();
+            println!("enrolled `{id}`; its token (shown once; put it in the agent's token_file):");
+            println!("{token}");
+            Ok(0)
+        }
+        Command::Revoke { id } => {
+            let _: serde_json::Value = client()?.delete(&format!("/v1/devices/{id}")).await?;
+            println!("revoked `{id}`");
+            Ok(0)
+        }
+        Command::Status { json } => {
+            status::status(&client()?, json).await?;
+            Ok(0)
+        }
+        Command::Show { id, json } => {
+            status::show(&client()?, &id, json).await?;
+            Ok(0)
+        }
+        Command::Bell { args, tag, params, ttl, timeout, wait, json } => {
+            let (device, action) = match (args.len(), &tag) {
+                (1, Some(_)) => (None, args[0].clone()),
+                (2, None) => (Some(args[0].clone()), args[1].clone()),
+                (1, None) => return usage("give a device and an action (`bell DEVICE ACTION`), or `--tag TAG ACTION`"),
+                _ => return usage("with --tag, give only the action (`bell --tag TAG ACTION`)"),
+            };
+            let args = bell::BellArgs { device, tag, action, params, ttl, timeout, wait, json };
+            if let Some(p) = args.params.iter().find(|p| !p.contains('=')) {
+                return usage(&format!("--param `{p}`: write it as NAME=VALUE"));
+            }
+            bell::ring(&client()?, args).await
+        }
+        Command::Bells { device, json } => {
+            bell::list(&client()?, device.as_deref(), json).await?;
+            Ok(0)
+        }
+        Command::BellShow { id, json } => {
+            bell::show(&client()?, id, json).await?;
+            Ok(0)
+        }
+        Command::Cancel { id } => {
+            bell::cancel(&client()?, id).await?;
+            Ok(0)
+        }
+        Command::Events { device, since, json } => {
+            events::list(&client()?, device.as_deref(), since, json).await?;
+            Ok(0)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = crate::server::start(config).await?;
+    if let Some(ca) = &server.dev_ca {
+        tracing::info!(ca = %ca.display(), "using a generated dev CA: agents need `ca_file` pointing at a copy of it");
+    }
+    tracing::info!(devices = %server.device_addr, admin = %server.admin_addr, "collector ready");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    server.run_until(shutdown_signal()).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,254 @@
+//! The collector's TOML configuration: keys, defaults, validation.
+//!
+//! Every key has a default, so an empty file (or none) is a working
+//! config. Unknown keys are errors; every error names its key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The commented default config, compiled in.
+pub const DEFAULT_CONFIG: &str = include_str!("../default-config.toml");
+
+/// Exit code for an invalid config or command line (`EX_USAGE`).
+pub const EX_CONFIG: i32 = 64;
+
+/// A config problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path; empty when the file itself is unreadable or not TOML.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "invalid config: {}", self.message)
+        } else {
+            write!(f, "invalid config key `{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"5s\" or \"1m\"")))
+}
+
+fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// The collector config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Device listener (TLS WebSockets).
+    pub listen: SocketAddr,
+    /// Admin listener (HTTP API, CLI, metrics); keep it on loopback.
+    pub admin_listen: SocketAddr,
+    /// Where sled, TLS material and the admin token live.
+    pub data_dir: PathBuf,
+    /// Offline threshold for every device; `None` = 3 × the device's interval.
+    #[serde(deserialize_with = "de_duration_opt")]
+    pub offline_after: Option<Duration>,
+    /// How long pulse state may sit in memory before it is written to sled.
+    #[serde(deserialize_with = "de_duration")]
+    pub write_back: Duration,
+    /// sled's page cache, in MiB.
+    pub sled_cache_mb: u64,
+    /// Time allowed for shutdown (closing connections, flushing).
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+    /// Default time a bell may wait for an offline device.
+    #[serde(deserialize_with = "de_duration")]
+    pub bell_ttl: Duration,
+    /// TLS certificate; without one a dev CA is generated.
+    pub tls: TlsConfig,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Per-device overrides.
+    pub devices: BTreeMap<String, DeviceOverride>,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// Extra names for the generated dev certificate.
+    pub names: Vec<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Device connections at once; more are refused at accept.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once (reconnect storms queue here).
+    pub handshake_concurrency: usize,
+    /// Time for TLS, the upgrade and the Hello together.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message from a device, bytes.
+    pub max_message_size: usize,
+    /// Messages queued for one device before it counts as stuck.
+    pub outbound_queue: usize,
+    /// Failed authentications per source address per minute before 429.
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 50_000,
+            handshake_concurrency: 256,
+            handshake_timeout: Duration::from_secs(10),
+            max_message_size: pulsebell_proto::MAX_FRAME,
+            outbound_queue: 256,
+            auth_failures_per_minute: 60,
+        }
+    }
+}
+
+/// `[devices.<id>]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceOverride {
+    /// Offline threshold for this device.
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    pub offline_after: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8443".parse().expect("static address"),
+            admin_listen: "127.0.0.1:9180".parse().expect("static address"),
+            data_dir: PathBuf::from("./pulsebell-data"),
+            offline_after: None,
+            write_back: Duration::from_secs(1),
+            sled_cache_mb: 64,
+            shutdown_grace: Duration::from_secs(10),
+            bell_ttl: Duration::from_secs(3600),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { key: String::new(), message: format!("cannot read {}: {e}", path.display()) })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let inner = e.into_inner();
+            let message = match inner.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1;
+                    format!("{} (at line {line})", inner.message())
+                }
+                None => inner.message().to_string(),
+            };
+            ConfigError { key, message }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: &str| Err(ConfigError { key: key.into(), message: message.into() });
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls.key_file", "set both `cert_file` and `key_file`, or neither");
+        }
+        if self.limits.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1");
+        }
+        if self.limits.handshake_concurrency == 0 {
+            return bad("limits.handshake_concurrency", "must be at least 1");
+        }
+        if self.limits.outbound_queue == 0 {
+            return bad("limits.outbound_queue", "must be at least 1");
+        }
+        if self.limits.max_message_size < 1024 || self.limits.max_message_size > pulsebell_proto::MAX_FRAME {
+            return bad("limits.max_message_size", "must be between 1024 and 65536 bytes");
+        }
+        if self.write_back.is_zero() || self.write_back > Duration::from_secs(60) {
+            return bad("write_back", "must be between 1ms and 60s");
+        }
+        if self.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {
+            return bad("offline_after", "must be at least 300ms");
+        }
+        for (id, o) in &self.devices {
+            if o.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {
+                return bad(&format!("devices.{id}.offline_after"), "must be at least 300ms");
+            }
+        }
+        Ok(())
+    }
+
+    /// The offline threshold for `device` whose agent pulses every `interval`.
+    pub fn offline_after(&self, device: &str, interval: Duration) -> Duration {
+        self.devices.get(device).and_then(|o| o.offline_after).or(self.offline_after).unwrap_or(interval * 3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_default_configs_parse() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9180");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8443");
+        let d = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(d.write_back, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::parse("[limits]\nhandshake_timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key, "limits.handshake_timeout");
+        let e = Config::parse("listen = \"nowhere\"\n").unwrap_err();
+        assert_eq!(e.key, "listen");
+        let e = Config::parse("lisen = \"0.0.0.0:1\"\n").unwrap_err();
+        assert!(e.message.contains("lisen"), "{e}");
+        let e = Config::parse("[tls]\ncert_file = \"c.pem\"\n").unwrap_err();
+        assert_eq!(e.key, "tls.key_file");
+        let e = Config::parse("[devices.pi]\noffline_after = \"1ms\"\n").unwrap_err();
+        assert_eq!(e.key, "devices.pi.offline_after");
+    }
+
+    #[test]
+    fn offline_after_precedence() {
+        let c = Config::parse("offline_after = \"20s\"\n[devices.slow]\noffline_after = \"5m\"\n").unwrap();
+        assert_eq!(c.offline_after("slow", Duration::from_secs(5)), Duration::from_secs(300));
+        assert_eq!(c.offline_after("other", Duration::from_secs(5)), Duration::from_secs(20));
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.offline_after("x", Duration::from_secs(5)), Duration::from_secs(15));
+    }
+}

@@ -1,0 +1,148 @@
+//! Device tokens and admin-token checks.
+//!
+//! A device token is `pb1.<key id>.<secret>`: the key id (64 random bits,
+//! hex) finds the enrolment, the secret (256 random bits, base64url) proves
+//! possession. Only SHA-256 of the secret is stored; a fast hash is right
+//! here because the secret is full-entropy, not a password. The comparison
+//! is constant-time.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+const PREFIX: &str = "pb1";
+
+/// A freshly generated token: what to give the device and what to store.
+pub struct NewToken {
+    /// The full token, shown once.
+    pub token: String,
+    /// Lookup id.
+    pub key_id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+}
+
+/// Generates a device token.
+pub fn generate() -> NewToken {
+    let mut rng = rand::rng();
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 32];
+    rng.fill_bytes(&mut id);
+    rng.fill_bytes(&mut secret);
+    let key_id = hex::encode(id);
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
+    let secret_sha256 = hex::encode(Sha256::digest(secret.as_bytes()));
+    NewToken { token: format!("{PREFIX}.{key_id}.{secret}"), key_id, secret_sha256 }
+}
+
+/// Splits a token into key id and secret, if it has the right shape.
+pub fn parse(token: &str) -> Option<(&str, &str)> {
+    let mut parts = token.splitn(3, '.');
+    let (prefix, key_id, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    (prefix == PREFIX && key_id.len() == 16 && !secret.is_empty() && secret.len() <= 64).then_some((key_id, secret))
+}
+
+/// Whether `secret` hashes to `stored_sha256_hex`, in constant time.
+pub fn verify_secret(secret: &str, stored_sha256_hex: &str) -> bool {
+    let Ok(stored) = hex::decode(stored_sha256_hex) else { return false };
+    let actual = Sha256::digest(secret.as_bytes());
+    actual.as_slice().ct_eq(&stored).into()
+}
+
+/// Whether `given` equals `expected`, in constant time (admin token).
+pub fn tokens_equal(given: &str, expected: &str) -> bool {
+    // Hash both so the comparison does not leak the length either.
+    Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into()
+}
+
+/// The bearer token of an `Authorization` header value.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Counts failed authentications per source address and refuses an address
+/// that fails too often, so tokens cannot be guessed at line rate.
+pub struct Throttle {
+    per_minute: u32,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+/// Addresses remembered at most; beyond it the oldest windows are dropped.
+const THROTTLE_TABLE: usize = 65_536;
+
+impl Throttle {
+    /// Allows `per_minute` failures per address per minute.
+    pub fn new(per_minute: u32) -> Self {
+        Throttle { per_minute, failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether `ip` is currently refused.
+    pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        let map = self.failures.lock().expect("throttle lock");
+        map.get(&ip)
+            .is_some_and(|(start, n)| now.duration_since(*start) < Duration::from_secs(60) && *n >= self.per_minute)
+    }
+
+    /// Records one failure from `ip`.
+    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let mut map = self.failures.lock().expect("throttle lock");
+        if map.len() >= THROTTLE_TABLE {
+            map.retain(|_, (start, _)| now.duration_since(*start) < Duration::from_secs(60));
+        }
+        let entry = map.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= Duration::from_secs(60) {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_and_differ() {
+        let a = generate();
+        let b = generate();
+        assert_ne!(a.token, b.token);
+        let (key_id, secret) = parse(&a.token).unwrap();
+        assert_eq!(key_id, a.key_id);
+        assert!(verify_secret(secret, &a.secret_sha256));
+        assert!(!verify_secret(secret, &b.secret_sha256));
+        assert!(!a.token.contains(&a.secret_sha256), "the stored hash is not the token");
+        assert!(parse("pb1.short.x").is_none());
+        assert!(parse("garbage").is_none());
+        assert!(parse(&a.token.replace("pb1", "pb2")).is_none());
+    }
+
+    #[test]
+    fn bearer_header() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert!(tokens_equal("x", "x"));
+        assert!(!tokens_equal("x", "y"));
+    }
+
+    #[test]
+    fn throttle_blocks_after_the_limit_and_forgets_after_a_minute() {
+        let t = Throttle::new(3);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert!(!t.is_blocked(ip, now));
+            t.record_failure(ip, now);
+        }
+        assert!(t.is_blocked(ip, now));
+        assert!(!t.is_blocked("10.0.0.2".parse().unwrap(), now));
+        assert!(!t.is_blocked(ip, now + Duration::from_secs(61)));
+    }
+}

@@ -1,0 +1,194 @@
+//! The device gateway: TCP accept → TLS → WebSocket upgrade with token
+//! authentication → one [`session`] per device connection.
+//!
+//! Limits, all from `[limits]` in the config: connections beyond
+//! `max_connections` are dropped right after accept; TLS handshakes run
+//! under `handshake_concurrency` permits so a reconnect storm queues instead
+//! of starving connected devices; TLS + upgrade + Hello must finish within
+//! `handshake_timeout`; failed authentications are throttled per source
+//! address.
+
+pub mod auth;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pulsebell_proto::{SUBPROTOCOL, WS_PATH};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tracing::{debug, info, warn};
+
+use crate::bells::Bells;
+use crate::config::Limits;
+use crate::fleet::{AuthError, Fleet};
+
+/// Everything a connection needs, shared.
+pub struct Gateway {
+    /// The fleet.
+    pub fleet: Arc<Fleet>,
+    /// Bells.
+    pub bells: Arc<Bells>,
+    /// TLS.
+    pub acceptor: TlsAcceptor,
+    /// Limits.
+    pub limits: Limits,
+    /// Failed-auth throttle.
+    pub throttle: auth::Throttle,
+    connections: Arc<Semaphore>,
+    handshakes: Semaphore,
+}
+
+impl Gateway {
+    /// A gateway with the given parts.
+    pub fn new(fleet: Arc<Fleet>, bells: Arc<Bells>, acceptor: TlsAcceptor, limits: Limits) -> Gateway {
+        Gateway {
+            throttle: auth::Throttle::new(limits.auth_failures_per_minute),
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Semaphore::new(limits.handshake_concurrency),
+            fleet,
+            bells,
+            acceptor,
+            limits,
+        }
+    }
+
+    fn ws_config(&self) -> WebSocketConfig {
+        // Small buffers: a pulse is ~40 bytes and a fleet is many sockets.
+        WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(0)
+            .max_write_buffer_size(self.limits.max_message_size * 4)
+            .max_message_size(Some(self.limits.max_message_size))
+            .max_frame_size(Some(self.limits.max_message_size))
+    }
+}
+
+/// Accepts device connections until `shutdown` turns true. Each connection
+/// task holds a clone of `done`; the caller waits for all of them to drop.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let mut refused_logged = Instant::now() - std::time::Duration::from_secs(60);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = gw.connections.clone().try_acquire_owned() else {
+            gw.fleet.stats.handshake_failed("max_connections");
+            if refused_logged.elapsed().as_secs() >= 10 {
+                warn!(max = gw.limits.max_connections, "connection limit reached; refusing new connections");
+                refused_logged = Instant::now();
+            }
+            drop(tcp);
+            continue;
+        };
+        let gw = gw.clone();
+        let shutdown = shutdown.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            gw.fleet.stats.connections.fetch_add(1, Ordering::Relaxed);
+            handle(&gw, tcp, peer, shutdown).await;
+            gw.fleet.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+            drop(done);
+        });
+    }
+}
+
+/// Why a handshake failed, for logs and metrics.
+fn failure(gw: &Gateway, peer: SocketAddr, reason: &'static str, detail: impl std::fmt::Display) {
+    gw.fleet.stats.handshake_failed(reason);
+    info!(%peer, reason, "handshake failed: {detail}");
+}
+
+async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
+    let _ = tcp.set_nodelay(true);
+    let deadline = tokio::time::Instant::now() + gw.limits.handshake_timeout;
+    // TLS under a concurrency limit: the expensive part of a reconnect storm.
+    let tls = {
+        let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, gw.handshakes.acquire()).await.map(|p| p.map(|_| ()))
+        else {
+            return failure(gw, peer, "timeout", "waited too long for a handshake slot");
+        };
+        match tokio::time::timeout_at(deadline, gw.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return failure(gw, peer, "tls", e),
+            Err(_) => return failure(gw, peer, "timeout", "TLS handshake timed out"),
+        }
+    };
+    let mut device: Option<String> = None;
+    let mut refusal: Option<&'static str> = None;
+    // tungstenite's callback signature fixes the error type.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let reject = |status: StatusCode, body: &str| {
+            let mut r = ErrorResponse::new(Some(body.to_string()));
+            *r.status_mut() = status;
+            r
+        };
+        if req.uri().path() != WS_PATH {
+            refusal = Some("not_found");
+            return Err(reject(StatusCode::NOT_FOUND, "not found; devices connect to /v1/ws"));
+        }
+        let now = Instant::now();
+        if gw.throttle.is_blocked(peer.ip(), now) {
+            refusal = Some("throttled");
+            return Err(reject(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications; slow down"));
+        }
+        let token = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
+        let id = match token.map(|t| gw.fleet.authenticate(t)) {
+            Some(Ok(id)) => id,
+            Some(Err(AuthError::Invalid)) | Some(Err(AuthError::Malformed)) | None => {
+                gw.throttle.record_failure(peer.ip(), now);
+                refusal = Some("unauthorized");
+                return Err(reject(StatusCode::UNAUTHORIZED, "missing or invalid device token"));
+            }
+        };
+        let offered = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == SUBPROTOCOL);
+        if !offered {
+            refusal = Some("subprotocol");
+            return Err(reject(StatusCode::BAD_REQUEST, "the pulsebell.v1 subprotocol is required"));
+        }
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        device = Some(id);
+        Ok(resp)
+    };
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(gw.ws_config()));
+    let ws = match tokio::time::timeout_at(deadline, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            let reason = refusal.unwrap_or("upgrade");
+            return failure(gw, peer, reason, e);
+        }
+        Err(_) => return failure(gw, peer, "timeout", "WebSocket upgrade timed out"),
+    };
+    let Some(device) = device else { return };
+    debug!(%peer, device, "upgraded");
+    session::run(gw, ws, device, peer, deadline, shutdown).await;
+}

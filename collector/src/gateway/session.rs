@@ -1,0 +1,264 @@
+//! One device connection after the upgrade: Hello, then pulses and bell
+//! reports in, bells and pings out, until it ends.
+//!
+//! A protocol violation closes this connection only, with a WebSocket
+//! close code and a reason, logged once. Liveness: the device goes offline
+//! when no pulse arrives for `offline_after` (a per-connection timer, so
+//! detection costs the same for any fleet size), or when the connection
+//! ends. Pings keep the connection alive; they do not keep the device
+//! online.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use pulsebell_proto::{
+    close, decode, encode, peek_hello_version, AgentMsg, DecodeError, ServerMsg, Welcome, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_rustls::server::TlsStream;
+use tokio_tungstenite::tungstenite::{
+    self,
+    protocol::{frame::coding::CloseCode, CloseFrame},
+    Message,
+};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info};
+
+use super::Gateway;
+use crate::fleet::{now_ms, Outbound};
+
+type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// How a session ended, and what that means for liveness.
+struct End {
+    /// Offline reason recorded for the device.
+    reason: &'static str,
+    /// Close frame to send, if the collector is the one closing.
+    close: Option<(u16, String)>,
+}
+
+impl End {
+    fn closing(reason: &'static str, code: u16, text: impl Into<String>) -> End {
+        End { reason, close: Some((code, text.into())) }
+    }
+    fn gone() -> End {
+        End { reason: "disconnected", close: None }
+    }
+}
+
+fn decode_error_end(bytes: &[u8], e: DecodeError) -> End {
+    if let Some(v) = peek_hello_version(bytes).filter(|v| *v != PROTOCOL_VERSION) {
+        return End::closing(
+            "disconnected",
+            close::VERSION_MISMATCH,
+            format!("unsupported protocol version {v}; this collector speaks {PROTOCOL_VERSION}"),
+        );
+    }
+    match e {
+        DecodeError::TooLarge { .. } => End::closing("disconnected", close::TOO_BIG, e.to_string()),
+        _ => End::closing("disconnected", close::INVALID_PAYLOAD, format!("invalid message: {e}")),
+    }
+}
+
+fn read_error_end(e: tungstenite::Error) -> End {
+    match e {
+        tungstenite::Error::Capacity(c) => {
+            End::closing("disconnected", close::TOO_BIG, format!("message too big: {c}"))
+        }
+        tungstenite::Error::Protocol(p) => {
+            End::closing("disconnected", close::PROTOCOL, format!("protocol error: {p}"))
+        }
+        _ => End::gone(),
+    }
+}
+
+async fn send_close(ws: &mut Ws, code: u16, reason: &str) {
+    // Close reasons are limited to 123 bytes by the WebSocket spec.
+    let mut text = reason.to_string();
+    while text.len() > 123 {
+        text.pop();
+    }
+    let frame = CloseFrame { code: CloseCode::from(code), reason: text.into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+}
+
+async fn send(ws: &mut Ws, msg: &ServerMsg) -> bool {
+    match encode(msg) {
+        Ok(bytes) => ws.send(Message::Binary(bytes.into())).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Runs one authenticated connection of `device`.
+pub async fn run(
+    gw: &Gateway,
+    mut ws: Ws,
+    device: String,
+    peer: SocketAddr,
+    hello_deadline: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // 1. The Hello.
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(hello_deadline, ws.next()) => r,
+        _ = shutdown.changed() => return send_close(&mut ws, close::GOING_AWAY, "collector shutting down").await,
+    };
+    let hello = match first {
+        Err(_) => Err(End::closing("disconnected", close::PROTOCOL, "no Hello within the handshake timeout")),
+        Ok(None) => Err(End::gone()),
+        Ok(Some(Err(e))) => Err(read_error_end(e)),
+        Ok(Some(Ok(Message::Binary(bytes)))) => match decode::<AgentMsg>(&bytes) {
+            Ok(AgentMsg::Hello(h)) if h.protocol_version != PROTOCOL_VERSION => Err(End::closing(
+                "disconnected",
+                close::VERSION_MISMATCH,
+                format!(
+                    "unsupported protocol version {}; this collector speaks {PROTOCOL_VERSION}",
+                    h.protocol_version
+                ),
+            )),
+            Ok(AgentMsg::Hello(h)) if h.device_id != device => Err(End::closing(
+                "disconnected",
+                close::POLICY,
+                format!("Hello names device `{}` but the token belongs to `{device}`", h.device_id),
+            )),
+            Ok(AgentMsg::Hello(h)) => Ok(h),
+            Ok(AgentMsg::Pulse(_)) => Err(End::closing("disconnected", close::PROTOCOL, "Pulse before Hello")),
+            Ok(AgentMsg::BellReport(_)) => {
+                Err(End::closing("disconnected", close::PROTOCOL, "BellReport before Hello"))
+            }
+            Err(e) => Err(decode_error_end(&bytes, e)),
+        },
+        Ok(Some(Ok(Message::Text(_)))) => Err(End::closing(
+            "disconnected",
+            close::UNSUPPORTED_DATA,
+            "text frames are not accepted; send binary postcard messages",
+        )),
+        Ok(Some(Ok(Message::Close(_)))) => Err(End::gone()),
+        Ok(Some(Ok(_))) => Err(End::closing("disconnected", close::PROTOCOL, "expected Hello")),
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(end) => {
+            if let Some((code, reason)) = &end.close {
+                info!(%peer, device, code, %reason, "closing connection");
+                gw.fleet.stats.handshake_failed("protocol");
+                send_close(&mut ws, *code, reason).await;
+            }
+            return;
+        }
+    };
+
+    // 2. Register, welcome, deliver pending bells.
+    let interval = Duration::from_millis(u64::from(
+        hello.interval_ms.clamp(pulsebell_proto::MIN_INTERVAL_MS, pulsebell_proto::MAX_INTERVAL_MS),
+    ));
+    let (tx, mut rx) = mpsc::channel(gw.limits.outbound_queue);
+    let Some(accepted) = gw.fleet.connect(&device, hello, tx) else {
+        info!(%peer, device, "device was revoked during the handshake");
+        return send_close(&mut ws, close::REVOKED, "device revoked").await;
+    };
+    let generation = accepted.generation;
+    info!(%peer, device, generation, "connected");
+    let welcome = ServerMsg::Welcome(Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        server_time_ms: now_ms(),
+        interval_ms: interval.as_millis() as u32,
+        offline_after_ms: accepted.offline_after.as_millis() as u32,
+        generation,
+    });
+    if !send(&mut ws, &welcome).await {
+        gw.fleet.offline(&device, generation, "disconnected");
+        return;
+    }
+    {
+        let bells = gw.bells.clone();
+        let device = device.clone();
+        tokio::spawn(async move { bells.on_connect(&device).await });
+    }
+
+    // 3. The loop.
+    let mut silent_at = Instant::now() + accepted.offline_after;
+    let mut armed = true;
+    let mut ping = tokio::time::interval(interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut last_sent = Instant::now();
+    let end = loop {
+        tokio::select! {
+            frame = ws.next() => match frame {
+                None => break End::gone(),
+                Some(Err(e)) => break read_error_end(e),
+                Some(Ok(Message::Binary(bytes))) => {
+                    gw.fleet.stats.bytes_received.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    match decode::<AgentMsg>(&bytes) {
+                        Ok(AgentMsg::Pulse(p)) => {
+                            if !gw.fleet.pulse(&device, generation, p) {
+                                break End::closing("disconnected", close::REPLACED, "replaced by a newer connection");
+                            }
+                            silent_at = Instant::now() + accepted.offline_after;
+                            armed = true;
+                        }
+                        Ok(AgentMsg::BellReport(r)) => gw.bells.on_report(&device, r).await,
+                        Ok(AgentMsg::Hello(_)) => break End::closing("disconnected", close::PROTOCOL, "second Hello on one connection"),
+                        Err(e) => break decode_error_end(&bytes, e),
+                    }
+                }
+                Some(Ok(Message::Text(_))) => break End::closing(
+                    "disconnected",
+                    close::UNSUPPORTED_DATA,
+                    "text frames are not accepted; send binary postcard messages",
+                ),
+                Some(Ok(Message::Pong(payload))) => {
+                    if let Ok(sent) = <[u8; 8]>::try_from(payload.as_ref()) {
+                        let sent_us = u64::from_be_bytes(sent);
+                        let rtt = now_us().saturating_sub(sent_us);
+                        gw.fleet.rtt(&device, generation, Duration::from_micros(rtt));
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break End::gone(),
+                Some(Ok(_)) => {}
+            },
+            out = rx.recv() => match out {
+                Some(Outbound::Msg(msg)) => {
+                    if !send(&mut ws, &msg).await {
+                        break End::gone();
+                    }
+                    last_sent = Instant::now();
+                }
+                Some(Outbound::Close(code, reason)) => {
+                    let why = if code == close::REVOKED { "revoked" } else { "replaced" };
+                    break End::closing(why, code, reason);
+                }
+                None => break End::gone(),
+            },
+            _ = ping.tick() => {
+                // Keep the agent's silence timer fed and measure the RTT.
+                if last_sent.elapsed() >= interval / 2 {
+                    if ws.send(Message::Ping(now_us().to_be_bytes().to_vec().into())).await.is_err() {
+                        break End::gone();
+                    }
+                    last_sent = Instant::now();
+                }
+            }
+            () = sleep_until(silent_at), if armed => {
+                armed = false;
+                gw.fleet.offline(&device, generation, "silent");
+            }
+            _ = shutdown.changed() => break End::closing("collector_shutdown", close::GOING_AWAY, "collector shutting down"),
+        }
+    };
+    if let Some((code, reason)) = &end.close {
+        info!(%peer, device, generation, code, %reason, "closing connection");
+        send_close(&mut ws, *code, reason).await;
+    } else {
+        debug!(%peer, device, generation, "connection ended");
+    }
+    gw.fleet.offline(&device, generation, end.reason);
+}
+
+fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}

@@ -1,0 +1,34 @@
+//! `pulsebell-collector`: thin entry point over the library.
+
+use clap::Parser;
+use pulsebell_collector::cli::{self, Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(
+        matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }),
+        matches!(cli.command, Command::Demo { .. }),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = runtime.block_on(cli::run(cli));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    std::process::exit(code);
+}
+
+fn init_logging(server: bool, demo: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if demo {
+        "warn"
+    } else if server {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_env("PULSEBELL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,209 @@
+//! Starting and stopping a collector: open the store, bind both listeners,
+//! run the gateway, the admin API and the write-back loop, and shut down
+//! gracefully.
+//!
+//! [`start`] returns once both listeners are bound (port 0 works: read the
+//! bound addresses from [`Server`]), so tests and the demo run a real
+//! collector in-process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pulsebell_proto::close;
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::bells::Bells;
+use crate::config::Config;
+use crate::fleet::{now_ms, Fleet};
+use crate::gateway::{self, Gateway};
+use crate::store::{SledStore, Store};
+use crate::tls;
+
+/// File in the data dir with the admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// File in the data dir describing the running collector (addresses, CA).
+pub const RUN_FILE: &str = "run.json";
+
+/// A running collector.
+pub struct Server {
+    /// Where devices connect.
+    pub device_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The generated dev CA, if one is in use.
+    pub dev_ca: Option<PathBuf>,
+    /// The admin token.
+    pub admin_token: String,
+    /// The fleet (for in-process users such as the demo).
+    pub fleet: Arc<Fleet>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Reads or creates the admin token (mode 0600).
+pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    tls::write_private(&path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
+/// Starts a collector with `config`.
+pub async fn start(config: Config) -> anyhow::Result<Server> {
+    let config = Arc::new(config);
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let token = admin_token(&data_dir)?;
+    let tls = tls::load(&config.tls, &data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("db"), config.sled_cache_mb * 1024 * 1024)?);
+    let fleet = Fleet::load(config.clone(), store.clone())?;
+    let bells = Bells::load(fleet.clone(), config.bell_ttl)?;
+
+    let device_listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen for devices on {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen for the admin API on {}", config.admin_listen))?;
+    let device_addr = device_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() {
+        warn!(%admin_addr, "the admin API listens beyond loopback; it is protected by the admin token only");
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let gw = Arc::new(Gateway::new(fleet.clone(), bells.clone(), TlsAcceptor::from(tls.config), config.limits.clone()));
+    let (done_tx, done_rx) = mpsc::channel::<()>(1);
+    let gateway_task = tokio::spawn(gateway::serve(gw, device_listener, shutdown_rx.clone(), done_tx));
+
+    let admin_state = AdminState { fleet: fleet.clone(), bells: bells.clone(), token: Arc::new(token.clone()) };
+    let mut admin_shutdown = shutdown_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin::router(admin_state))
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.changed().await;
+            })
+            .await
+    });
+
+    let write_back_task = tokio::spawn(write_back_loop(fleet.clone(), config.write_back, shutdown_rx.clone()));
+    restart_liveness(&fleet);
+
+    let run = serde_json::json!({
+        "pid": std::process::id(),
+        "device_addr": device_addr.to_string(),
+        "admin_url": format!("http://{admin_addr}"),
+        "ca_file": tls.dev_ca.as_ref().map(|p| p.display().to_string()),
+        "started_ms": now_ms(),
+    });
+    std::fs::write(data_dir.join(RUN_FILE), serde_json::to_vec_pretty(&run)?)?;
+
+    let task = {
+        let fleet = fleet.clone();
+        let grace = config.shutdown_grace;
+        let mut shutdown_rx = shutdown_rx;
+        tokio::spawn(async move {
+            let _ = shutdown_rx.changed().await;
+            info!("shutting down: closing device connections");
+            let _ = gateway_task.await;
+            fleet.close_all(close::GOING_AWAY, "collector shutting down");
+            let mut done_rx = done_rx;
+            if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+                warn!(?grace, "connections did not close within the grace period");
+            }
+            let _ = admin_task.await;
+            let _ = write_back_task.await;
+            let fleet2 = fleet.clone();
+            tokio::task::spawn_blocking(move || {
+                fleet2.write_back()?;
+                fleet2.store().flush()?;
+                anyhow::Ok(())
+            })
+            .await??;
+            info!("shutdown complete");
+            Ok(())
+        })
+    };
+
+    Ok(Server { device_addr, admin_addr, dev_ca: tls.dev_ca, admin_token: token, fleet, shutdown: shutdown_tx, task })
+}
+
+impl Server {
+    /// Stops gracefully and waits for the end.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.task.await?
+    }
+
+    /// Runs until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        self.shutdown().await
+    }
+}
+
+/// Writes device state back every `period`, until shutdown.
+async fn write_back_loop(fleet: Arc<Fleet>, period: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention = Duration::from_secs(30 * 24 * 3600);
+    let mut since_prune = 0u32;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let f = fleet.clone();
+        since_prune += 1;
+        let prune = since_prune >= 3600;
+        if prune {
+            since_prune = 0;
+        }
+        let result = tokio::task::spawn_blocking(move || {
+            f.write_back()?;
+            if prune {
+                f.store().prune_events(now_ms().saturating_sub(retention.as_millis() as u64))?;
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "write-back failed"),
+            Err(e) => warn!(error = %e, "write-back task failed"),
+        }
+    }
+}
+
+/// After a restart, devices the store says were online are not shown
+/// online (they are not connected); each gets its `offline` event when its
+/// `offline_after` since the last pulse has passed, unless it reconnected.
+fn restart_liveness(fleet: &Arc<Fleet>) {
+    for (id, generation, at_ms) in fleet.stale_online() {
+        let fleet = Arc::downgrade(fleet);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await;
+            if let Some(fleet) = fleet.upgrade() {
+                fleet.offline(&id, generation, "silent");
+            }
+        });
+    }
+}

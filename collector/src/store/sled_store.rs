@@ -1,0 +1,322 @@
+//! [`Store`] on sled, the embedded default.
+//!
+//! Trees:
+//! - `enrolments`: device id → [`Enrolment`] (JSON)
+//! - `devices`: device id → [`DeviceRecord`] (JSON)
+//! - `bells`: id (u64 BE) → [`BellRecord`] (JSON)
+//! - `bells_by_device`: device id, 0, id (u64 BE) → ()
+//! - `bells_pending`: id (u64 BE) → () for bells not in a final state
+//! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
+//!
+//! Values are JSON so records can gain fields (`#[serde(default)]`)
+//! without a migration.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::{Transactional, Tree};
+
+use super::*;
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    enrolments: Tree,
+    devices: Tree,
+    bells: Tree,
+    bells_by_device: Tree,
+    bells_pending: Tree,
+    events: Tree,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(db_err)
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        error: e.to_string(),
+    })
+}
+
+fn by_device_key(device: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 9);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn device_prefix(device: &str) -> Vec<u8> {
+    let mut k = device.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir` with a page cache of
+    /// `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // We flush explicitly where durability matters; sled's own
+            // periodic flush covers the rest.
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|e| StoreError::Db(format!("cannot open sled at {}: {e}", dir.display())))?;
+        let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        Ok(SledStore {
+            enrolments: tree("enrolments")?,
+            devices: tree("devices")?,
+            bells: tree("bells")?,
+            bells_by_device: tree("bells_by_device")?,
+            bells_pending: tree("bells_pending")?,
+            events: tree("events")?,
+            db,
+        })
+    }
+
+    fn flush_now(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(db_err)
+    }
+}
+
+impl Store for SledStore {
+    fn put_enrolment(&self, e: &Enrolment) -> Result<()> {
+        self.put_enrolments(std::slice::from_ref(e))
+    }
+
+    fn put_enrolments(&self, es: &[Enrolment]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in es {
+            batch.insert(e.device.as_bytes(), encode(e)?);
+        }
+        self.enrolments.apply_batch(batch).map_err(db_err)?;
+        self.flush_now()
+    }
+
+    fn delete_device(&self, device: &str) -> Result<bool> {
+        let existed = self.enrolments.remove(device.as_bytes()).map_err(db_err)?.is_some();
+        self.devices.remove(device.as_bytes()).map_err(db_err)?;
+        self.flush_now()?;
+        Ok(existed)
+    }
+
+    fn enrolments(&self) -> Result<Vec<Enrolment>> {
+        self.enrolments
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                decode("enrolments", &k, &v)
+            })
+            .collect()
+    }
+
+    fn put_device_states(&self, states: &[(String, DeviceRecord)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, rec) in states {
+            batch.insert(id.as_bytes(), encode(rec)?);
+        }
+        self.devices.apply_batch(batch).map_err(db_err)?;
+        self.flush_now()
+    }
+
+    fn device_states(&self) -> Result<Vec<(String, DeviceRecord)>> {
+        self.devices
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), decode("devices", &k, &v)?))
+            })
+            .collect()
+    }
+
+    fn next_bell_id(&self) -> Result<u64> {
+        // sled's generate_id is monotonic across restarts (it persists
+        // ahead), and starts at 0; bell ids start at 1.
+        self.db.generate_id().map(|id| id + 1).map_err(db_err)
+    }
+
+    fn put_bells(&self, bells: &[BellRecord]) -> Result<()> {
+        let encoded: Vec<(u64, Vec<u8>)> = bells.iter().map(|b| Ok((b.id, encode(b)?))).collect::<Result<_>>()?;
+        (&self.bells, &self.bells_by_device, &self.bells_pending)
+            .transaction(|(bells_t, by_device_t, pending_t)| {
+                for (b, (id, bytes)) in bells.iter().zip(&encoded) {
+                    let key = id.to_be_bytes();
+                    bells_t.insert(&key, bytes.as_slice())?;
+                    by_device_t.insert(by_device_key(&b.device, *id), &[] as &[u8])?;
+                    if b.state.is_final() {
+                        pending_t.remove(&key)?;
+                    } else {
+                        pending_t.insert(&key, &[] as &[u8])?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| db_err(format!("{e:?}")))?;
+        self.flush_now()
+    }
+
+    fn bell(&self, id: u64) -> Result<Option<BellRecord>> {
+        let key = id.to_be_bytes();
+        match self.bells.get(key).map_err(db_err)? {
+            Some(v) => Ok(Some(decode("bells", &key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn bells(&self, device: Option<&str>, limit: usize) -> Result<Vec<BellRecord>> {
+        let mut out = Vec::new();
+        match device {
+            Some(d) => {
+                for kv in self.bells_by_device.scan_prefix(device_prefix(d)).rev() {
+                    let (k, _) = kv.map_err(db_err)?;
+                    let id = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8-byte suffix"));
+                    if let Some(b) = self.bell(id)? {
+                        out.push(b);
+                    }
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            None => {
+                for kv in self.bells.iter().rev().take(limit) {
+                    let (k, v) = kv.map_err(db_err)?;
+                    out.push(decode("bells", &k, &v)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn pending_bells(&self) -> Result<Vec<BellRecord>> {
+        let mut out = Vec::new();
+        for kv in self.bells_pending.iter() {
+            let (k, _) = kv.map_err(db_err)?;
+            if let Some(v) = self.bells.get(&k).map_err(db_err)? {
+                out.push(decode("bells", &k, &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn append_events(&self, events: &[EventRecord]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in events {
+            let mut key = Vec::with_capacity(16);
+            key.extend_from_slice(&e.at_ms.to_be_bytes());
+            key.extend_from_slice(&self.db.generate_id().map_err(db_err)?.to_be_bytes());
+            batch.insert(key, encode(e)?);
+        }
+        self.events.apply_batch(batch).map_err(db_err)?;
+        self.flush_now()
+    }
+
+    fn events(&self, device: Option<&str>, since_ms: u64, limit: usize) -> Result<Vec<EventRecord>> {
+        let mut out = Vec::new();
+        for kv in self.events.range(since_ms.to_be_bytes()..).rev() {
+            let (k, v) = kv.map_err(db_err)?;
+            let e: EventRecord = decode("events", &k, &v)?;
+            if device.is_none_or(|d| d == e.device) {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    fn prune_events(&self, before_ms: u64) -> Result<usize> {
+        let mut n = 0;
+        for kv in self.events.range(..before_ms.to_be_bytes()) {
+            let (k, _) = kv.map_err(db_err)?;
+            self.events.remove(k).map_err(db_err)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.flush_now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bell(id: u64, device: &str, state: BellStatus) -> BellRecord {
+        BellRecord {
+            id,
+            device: device.into(),
+            action: "ping".into(),
+            params: BTreeMap::new(),
+            state,
+            created_ms: 1,
+            updated_ms: 1,
+            expires_ms: 10,
+            timeout_ms: None,
+            exit_code: None,
+            output: String::new(),
+            duration_ms: None,
+            reason: None,
+            transitions: vec![],
+        }
+    }
+
+    #[test]
+    fn everything_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+            s.put_enrolment(&Enrolment {
+                device: "a".into(),
+                key_id: "k".into(),
+                secret_sha256: "h".into(),
+                created_ms: 1,
+            })
+            .unwrap();
+            s.put_device_states(&[("a".into(), DeviceRecord { last_seq: 7, ..Default::default() })]).unwrap();
+            let id1 = s.next_bell_id().unwrap();
+            let id2 = s.next_bell_id().unwrap();
+            assert!(id2 > id1 && id1 >= 1);
+            s.put_bells(&[bell(id1, "a", BellStatus::Queued), bell(id2, "b", BellStatus::Succeeded)]).unwrap();
+            s.append_events(&[EventRecord {
+                device: "a".into(),
+                kind: EventKind::Online,
+                reason: "connected".into(),
+                at_ms: 5,
+                generation: 1,
+            }])
+            .unwrap();
+        }
+        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(s.enrolments().unwrap().len(), 1);
+        assert_eq!(s.device_states().unwrap()[0].1.last_seq, 7);
+        let pending = s.pending_bells().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].device, "a");
+        assert_eq!(s.bells(Some("b"), 10).unwrap().len(), 1);
+        assert_eq!(s.bells(None, 10).unwrap().len(), 2);
+        // A final state leaves the pending index.
+        s.put_bells(&[bell(pending[0].id, "a", BellStatus::Cancelled)]).unwrap();
+        assert!(s.pending_bells().unwrap().is_empty());
+        assert_eq!(s.events(Some("a"), 0, 10).unwrap().len(), 1);
+        assert_eq!(s.events(Some("a"), 6, 10).unwrap().len(), 0);
+        assert_eq!(s.prune_events(6).unwrap(), 1);
+        assert!(s.delete_device("a").unwrap());
+        assert!(s.enrolments().unwrap().is_empty());
+        assert!(s.bell(12345).unwrap().is_none());
+    }
+}
