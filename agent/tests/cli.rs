@@ -1,0 +1,88 @@
+//! The agent's command line, run as a real process.
+
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pulsebell-agent"))
+}
+
+#[test]
+fn invalid_config_exits_64_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "collector_url = \"wss://c.example:8443/v1/ws\"\ndevice_id = \"pi-1\"\ntoken = \"t\"\ninterval = \"5 parsecs\"\n",
+    )
+    .unwrap();
+    let out = agent().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`interval`"), "{stderr}");
+
+    // `run` refuses it the same way, before doing anything else.
+    let out = agent().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn missing_token_file_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "collector_url = \"wss://c.example/v1/ws\"\ndevice_id = \"pi-1\"\ntoken_file = \"{}\"\n",
+            dir.path().join("nope").display()
+        ),
+    )
+    .unwrap();
+    let out = agent().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`token_file`"));
+}
+
+#[test]
+fn default_config_is_printed_and_valid_once_filled_in() {
+    let out = agent().arg("print-default-config").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("collector_url"));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "pb1.0123456789abcdef.secret\n").unwrap();
+    let filled = text.replace("/etc/pulsebell/agent.token", token.to_str().unwrap());
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, filled).unwrap();
+    let out = agent().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn health_json_has_the_documented_keys() {
+    let out = agent().args(["health", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "cpu_percent",
+        "load1",
+        "load5",
+        "load15",
+        "mem_total_bytes",
+        "mem_used_bytes",
+        "swap_total_bytes",
+        "swap_used_bytes",
+        "disk_total_bytes",
+        "disk_used_bytes",
+        "temp_celsius",
+        "uptime_secs",
+        "net_rx_bytes_per_sec",
+        "net_tx_bytes_per_sec",
+        "throttled",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert!(v["mem_total_bytes"].as_u64().unwrap() > 0);
+    assert!(v["mem_used_bytes"].as_u64().unwrap() <= v["mem_total_bytes"].as_u64().unwrap());
+    assert_eq!(v["facts"]["arch"], std::env::consts::ARCH);
+}
