@@ -122,7 +122,7 @@ fn init_logging() {
     let filter = EnvFilter::try_from_env("PULSEBELL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Under systemd, journald adds its own timestamps.
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
     if under_systemd {
         builder.without_time().init();
     } else {
