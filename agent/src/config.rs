@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use regex::Regex;
+use regex_lite::Regex;
 use serde::{Deserialize, Deserializer};
 
 /// The commented default config, compiled in.

@@ -118,13 +118,16 @@ fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PULSEBELL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // A level, not a full filter: keeps the agent binary small.
+    let level = std::env::var("PULSEBELL_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    let builder =
+        tracing_subscriber::fmt().with_max_level(level).with_target(false).with_writer(std::io::stderr);
     // Under systemd, journald adds its own timestamps.
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
-    if under_systemd {
-        builder.without_time().init();
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
     } else {
         builder.init();
     }

@@ -77,10 +77,7 @@ pub const READY_MARKER: &str = "collector ready";
 /// parent of the `deps` directory this test executable runs from.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe
-        .parent()
-        .expect("test executable has a parent directory")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("test executable has a parent directory").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -113,15 +110,9 @@ pub fn agent_bin() -> PathBuf {
 /// `info`, no inherited `RUST_LOG`.
 fn command(program: &Path) -> Command {
     let mut cmd = Command::new(program);
-    for var in [
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "JOURNAL_STREAM",
-        "RUST_LOG",
-    ] {
+    for var in
+        ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM", "RUST_LOG"]
+    {
         cmd.env_remove(var);
     }
     cmd.env("PULSEBELL_LOG", "info").env("NO_COLOR", "1");
@@ -187,11 +178,7 @@ enum LogEvent {
 
 impl Log {
     fn new(name: impl Into<String>, path: PathBuf) -> Log {
-        Log {
-            name: name.into(),
-            path,
-            lines: Arc::default(),
-        }
+        Log { name: name.into(), path, lines: Arc::default() }
     }
 
     /// Copies `reader`'s lines into the log on a background thread. When
@@ -205,11 +192,7 @@ impl Log {
     ) {
         let log = self.clone();
         std::thread::spawn(move || {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log.path)
-                .ok();
+            let mut file = OpenOptions::new().create(true).append(true).open(&log.path).ok();
             let mut reader = BufReader::new(reader);
             let mut buf = Vec::new();
             loop {
@@ -222,13 +205,8 @@ impl Log {
                 if let Some(file) = file.as_mut() {
                     let _ = writeln!(file, "[{stream}] {line}");
                 }
-                let marked = events
-                    .as_ref()
-                    .is_some_and(|(_, marker)| line.contains(marker));
-                log.lines
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(line);
+                let marked = events.as_ref().is_some_and(|(_, marker)| line.contains(marker));
+                log.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 if marked {
                     if let Some((tx, _)) = &events {
                         let _ = tx.send(LogEvent::Marker);
@@ -243,17 +221,10 @@ impl Log {
 
     /// Appends a line of our own (e.g. a restart separator).
     fn note(&self, text: &str) {
-        if let Ok(mut file) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-        {
+        if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(&self.path) {
             let _ = writeln!(file, "[test] {text}");
         }
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(format!("[test] {text}"));
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(format!("[test] {text}"));
     }
 
     /// All lines so far.
@@ -280,22 +251,15 @@ impl Log {
     /// Lines logged after the first `from` lines.
     pub fn text_since(&self, from: usize) -> String {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines
-            .iter()
-            .skip(from)
-            .fold(String::new(), |mut out, line| {
-                let _ = writeln!(out, "{line}");
-                out
-            })
+        lines.iter().skip(from).fold(String::new(), |mut out, line| {
+            let _ = writeln!(out, "{line}");
+            out
+        })
     }
 
     /// Whether any line contains `needle` (case-sensitive).
     pub fn contains(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .any(|l| l.contains(needle))
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|l| l.contains(needle))
     }
 
     /// The log file.
@@ -367,11 +331,7 @@ fn signal_and_wait(child: &mut Child, signal: Signal, what: &str) -> ExitStatus 
 ///
 /// Only for conditions that cannot be awaited as an event (a device's state
 /// as shown by `status`); never a substitute for a fixed sleep.
-pub fn wait_until<T>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Result<T, String>,
-) -> T {
+pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
     let start = Instant::now();
     loop {
         match probe() {
@@ -404,10 +364,9 @@ pub struct RunInfo {
 
 impl RunInfo {
     fn read(path: &Path) -> Result<RunInfo, String> {
-        let text =
-            fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not JSON ({e}): {text}", path.display()))?;
+        let text = fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| format!("{} is not JSON ({e}): {text}", path.display()))?;
         let s = |k: &str| {
             v.get(k)
                 .and_then(Value::as_str)
@@ -460,15 +419,7 @@ impl Collector {
         let data_dir = dir.join("collector-data");
         let log = Log::new("collector", dir.join("collector.log"));
         let (child, run) = spawn_collector(&data_dir, config.as_deref(), &log);
-        Collector {
-            dir: dir.to_path_buf(),
-            data_dir,
-            config,
-            child: Some(child),
-            log,
-            run,
-            starts: 1,
-        }
+        Collector { dir: dir.to_path_buf(), data_dir, config, child: Some(child), log, run, starts: 1 }
     }
 
     /// Starts the collector again on the same data directory (and config),
@@ -479,10 +430,7 @@ impl Collector {
             let _ = child.wait();
         }
         self.starts += 1;
-        self.log.note(&format!(
-            "---- start #{} on the same data dir ----",
-            self.starts
-        ));
+        self.log.note(&format!("---- start #{} on the same data dir ----", self.starts));
         let (child, run) = spawn_collector(&self.data_dir, self.config.as_deref(), &self.log);
         self.child = Some(child);
         self.run = run;
@@ -492,8 +440,7 @@ impl Collector {
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("collector is not running");
         let status = signal_and_wait(&mut child, Signal::TERM, "collector");
-        self.log
-            .note(&format!("---- stopped with SIGTERM: {status} ----"));
+        self.log.note(&format!("---- stopped with SIGTERM: {status} ----"));
         status
     }
 
@@ -501,15 +448,12 @@ impl Collector {
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("collector is not running");
         let status = signal_and_wait(&mut child, Signal::KILL, "collector");
-        self.log
-            .note(&format!("---- killed with SIGKILL: {status} ----"));
+        self.log.note(&format!("---- killed with SIGKILL: {status} ----"));
     }
 
     /// Whether the server process is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The test's directory (agents put their files under it).
@@ -539,21 +483,13 @@ impl Collector {
 
     /// Port of the device endpoint.
     pub fn device_port(&self) -> u16 {
-        let (_, port) = self
-            .run
-            .device_addr
-            .rsplit_once(':')
-            .expect("device_addr has a port");
+        let (_, port) = self.run.device_addr.rsplit_once(':').expect("device_addr has a port");
         port.parse().expect("device_addr port is a number")
     }
 
     /// `wss://localhost:PORT/v1/ws`.
     pub fn device_url(&self) -> String {
-        format!(
-            "wss://localhost:{}{}",
-            self.device_port(),
-            pulsebell_proto::WS_PATH
-        )
+        format!("wss://localhost:{}{}", self.device_port(), pulsebell_proto::WS_PATH)
     }
 
     /// The dev CA certificate (PEM).
@@ -577,16 +513,8 @@ impl Collector {
     /// Like [`Collector::cli`], failing the test unless it exits 0.
     pub fn cli_ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
         let output = self.cli(args);
-        let shown: Vec<_> = args
-            .iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect();
-        assert!(
-            output.status.success(),
-            "`pulsebell-collector {}` failed:\n{}",
-            shown.join(" "),
-            describe(&output)
-        );
+        let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        assert!(output.status.success(), "`pulsebell-collector {}` failed:\n{}", shown.join(" "), describe(&output));
         output
     }
 
@@ -594,13 +522,7 @@ impl Collector {
     pub fn enroll(&self, id: &str) -> String {
         let output = self.cli_ok(&["enroll", id]);
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let token = stdout
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or_default()
-            .to_string();
+        let token = stdout.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().to_string();
         assert!(
             !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
             "`enroll {id}` did not print a token on its last line:\n{}",
@@ -623,10 +545,7 @@ impl Collector {
         match serde_json::from_slice::<Value>(&output.stdout) {
             Ok(Value::Array(devices)) => Ok(devices),
             Ok(other) => Err(format!("`status --json` printed {other}, not a JSON array")),
-            Err(e) => Err(format!(
-                "`status --json` did not print JSON ({e}):\n{}",
-                describe(&output)
-            )),
+            Err(e) => Err(format!("`status --json` did not print JSON ({e}):\n{}", describe(&output))),
         }
     }
 
@@ -643,12 +562,8 @@ impl Collector {
     /// `show ID --json`, parsed.
     pub fn show(&self, id: &str) -> Value {
         let output = self.cli_ok(&["show", id, "--json"]);
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-            panic!(
-                "`show {id} --json` did not print JSON ({e}):\n{}",
-                describe(&output)
-            )
-        })
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("`show {id} --json` did not print JSON ({e}):\n{}", describe(&output)))
     }
 
     /// Polls `status --json` until device `id` satisfies `check` (which says
@@ -662,8 +577,7 @@ impl Collector {
     ) -> Value {
         wait_until(&format!("device `{id}` {what}"), timeout, || {
             let devices = self.try_status()?;
-            let device = find_device(&devices, id)
-                .ok_or_else(|| format!("`{id}` is not listed in {devices:?}"))?;
+            let device = find_device(&devices, id).ok_or_else(|| format!("`{id}` is not listed in {devices:?}"))?;
             check(device).map_err(|e| format!("{e}; entry: {device}"))?;
             Ok(device.clone())
         })
@@ -707,12 +621,7 @@ impl Drop for Collector {
 
 fn spawn_collector(data_dir: &Path, config: Option<&Path>, log: &Log) -> (Child, RunInfo) {
     let mut cmd = command(&collector_bin());
-    cmd.arg("serve").arg("--data-dir").arg(data_dir).args([
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ]);
+    cmd.arg("serve").arg("--data-dir").arg(data_dir).args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
@@ -725,36 +634,20 @@ fn spawn_collector(data_dir: &Path, config: Option<&Path>, log: &Log) -> (Child,
         .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
     let (tx, rx) = mpsc::channel();
     log.capture(child.stdout.take().expect("piped stdout"), "stdout", None);
-    log.capture(
-        child.stderr.take().expect("piped stderr"),
-        "stderr",
-        Some((tx, READY_MARKER)),
-    );
+    log.capture(child.stderr.take().expect("piped stderr"), "stderr", Some((tx, READY_MARKER)));
 
     let fail = |child: &mut Child, why: String| -> ! {
         let _ = child.kill();
-        let status = child
-            .wait()
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
-        panic!(
-            "collector did not start: {why} (exit status: {status})\ncommand: {shown}\n{}",
-            log.dump()
-        );
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        panic!("collector did not start: {why} (exit status: {status})\ncommand: {shown}\n{}", log.dump());
     };
     match rx.recv_timeout(START_TIMEOUT) {
         Ok(LogEvent::Marker) => {}
         Ok(LogEvent::Eof) => {
             // stderr closed: the process exited (or closed stderr) first.
-            fail(
-                &mut child,
-                format!("it exited (or closed stderr) before logging `{READY_MARKER}`"),
-            );
+            fail(&mut child, format!("it exited (or closed stderr) before logging `{READY_MARKER}`"));
         }
-        Err(_) => fail(
-            &mut child,
-            format!("no `{READY_MARKER}` line on stderr within {START_TIMEOUT:?}"),
-        ),
+        Err(_) => fail(&mut child, format!("no `{READY_MARKER}` line on stderr within {START_TIMEOUT:?}")),
     }
     let run = match RunInfo::read(&data_dir.join("run.json")) {
         Ok(run) => run,
@@ -762,30 +655,19 @@ fn spawn_collector(data_dir: &Path, config: Option<&Path>, log: &Log) -> (Child,
     };
     let pid = child.id();
     if run.pid != pid {
-        fail(
-            &mut child,
-            format!(
-                "run.json names pid {}, but the server is pid {pid}",
-                run.pid
-            ),
-        );
+        fail(&mut child, format!("run.json names pid {}, but the server is pid {pid}", run.pid));
     }
     (child, run)
 }
 
 /// The entry with `"id": id` in a `status --json` array.
 pub fn find_device<'a>(devices: &'a [Value], id: &str) -> Option<&'a Value> {
-    devices
-        .iter()
-        .find(|d| d.get("id").and_then(Value::as_str) == Some(id))
+    devices.iter().find(|d| d.get("id").and_then(Value::as_str) == Some(id))
 }
 
 /// The state of device `id` in a `status --json` array, if listed.
 pub fn state_of(devices: &[Value], id: &str) -> Option<String> {
-    find_device(devices, id)
-        .and_then(|d| d.get("state"))
-        .and_then(Value::as_str)
-        .map(str::to_owned)
+    find_device(devices, id).and_then(|d| d.get("state")).and_then(Value::as_str).map(str::to_owned)
 }
 
 /// Parses an RFC 3339 timestamp from `status` output.
@@ -881,14 +763,8 @@ impl Agent {
         fs::create_dir_all(&state_dir).expect("create agent state dir");
         let token_file = dir.join("token");
         write_private(&token_file, &format!("{token}\n"));
-        let ca_file = opts
-            .ca_file
-            .clone()
-            .unwrap_or_else(|| collector.ca_file().to_path_buf());
-        let url = opts
-            .collector_url
-            .clone()
-            .unwrap_or_else(|| collector.device_url());
+        let ca_file = opts.ca_file.clone().unwrap_or_else(|| collector.ca_file().to_path_buf());
+        let url = opts.collector_url.clone().unwrap_or_else(|| collector.device_url());
         let tags: Vec<String> = opts.tags.iter().map(|t| toml_str(t)).collect();
         let config_text = format!(
             "collector_url = {}\ndevice_id = {}\ntoken_file = {}\nca_file = {}\ninterval = \"{}ms\"\ntags = [{}]\nstate_dir = {}\n{}\n",
@@ -904,13 +780,7 @@ impl Agent {
         let config = dir.join("agent.toml");
         fs::write(&config, config_text).expect("write agent config");
         let log = Log::new(format!("agent `{id}`"), dir.join("agent.log"));
-        let mut agent = Agent {
-            id: id.to_string(),
-            dir,
-            config,
-            child: None,
-            log,
-        };
+        let mut agent = Agent { id: id.to_string(), dir, config, child: None, log };
         agent.spawn();
         agent
     }
@@ -925,10 +795,8 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-        self.log
-            .capture(child.stdout.take().expect("piped stdout"), "stdout", None);
-        self.log
-            .capture(child.stderr.take().expect("piped stderr"), "stderr", None);
+        self.log.capture(child.stdout.take().expect("piped stdout"), "stdout", None);
+        self.log.capture(child.stderr.take().expect("piped stderr"), "stderr", None);
         self.child = Some(child);
     }
 
@@ -955,32 +823,25 @@ impl Agent {
     /// Polls the log until a line contains any of `needles`; returns that
     /// line. Fails the test (showing the log) after `timeout`.
     pub fn wait_for_log(&self, needles: &[&str], timeout: Duration) -> String {
-        wait_until(
-            &format!("agent `{}` to log one of {needles:?}", self.id),
-            timeout,
-            || {
-                let text = self.log.text();
-                text.lines()
-                    .find(|l| needles.iter().any(|n| l.contains(n)))
-                    .map(str::to_owned)
-                    .ok_or_else(|| format!("{} line(s) so far", text.lines().count()))
-            },
-        )
+        wait_until(&format!("agent `{}` to log one of {needles:?}", self.id), timeout, || {
+            let text = self.log.text();
+            text.lines()
+                .find(|l| needles.iter().any(|n| l.contains(n)))
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{} line(s) so far", text.lines().count()))
+        })
     }
 
     /// The exit status if the agent has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends SIGTERM and waits for the agent to exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent is not running");
         let status = signal_and_wait(&mut child, Signal::TERM, "agent");
-        self.log
-            .note(&format!("---- stopped with SIGTERM: {status} ----"));
+        self.log.note(&format!("---- stopped with SIGTERM: {status} ----"));
         status
     }
 
@@ -1032,12 +893,9 @@ pub fn agent_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
 /// `path`, for agents that must refuse the collector's certificate.
 pub fn write_foreign_ca(path: &Path) {
     let key = rcgen::KeyPair::generate().expect("generate key");
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("certificate params");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("certificate params");
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "Some other CA");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "Some other CA");
     let cert = params.self_signed(&key).expect("self-sign");
     fs::write(path, cert.pem()).expect("write foreign CA");
 }
@@ -1079,11 +937,7 @@ pub mod raw {
 
     /// Runs `fut` on a fresh current-thread runtime.
     pub fn block_on<F: Future>(fut: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(fut)
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(fut)
     }
 
     /// Where and how to connect: address, URL and trusted CA.
@@ -1129,19 +983,13 @@ pub mod raw {
     /// Opens a connection with `authorization` as the whole
     /// `Authorization` header value (`None`: no header). A refused upgrade
     /// is `Err(tungstenite::Error::Http(response))`.
-    pub async fn upgrade(
-        ep: &Endpoint,
-        authorization: Option<&str>,
-    ) -> Result<(Ws, Response), tungstenite::Error> {
+    pub async fn upgrade(ep: &Endpoint, authorization: Option<&str>) -> Result<(Ws, Response), tungstenite::Error> {
         tokio::time::timeout(TIMEOUT, upgrade_inner(ep, authorization))
             .await
             .unwrap_or_else(|_| Err(io_err(format!("no upgrade answer within {TIMEOUT:?}"))))
     }
 
-    async fn upgrade_inner(
-        ep: &Endpoint,
-        authorization: Option<&str>,
-    ) -> Result<(Ws, Response), tungstenite::Error> {
+    async fn upgrade_inner(ep: &Endpoint, authorization: Option<&str>) -> Result<(Ws, Response), tungstenite::Error> {
         let tcp = TcpStream::connect(&ep.addr).await?;
         let connector = TlsConnector::from(tls_config(&ep.ca_file));
         let tls = connector
@@ -1151,18 +999,10 @@ pub mod raw {
         let mut request = ep.url.as_str().into_client_request()?;
         let headers = request.headers_mut();
         if let Some(auth) = authorization {
-            headers.insert(
-                header::AUTHORIZATION,
-                HeaderValue::from_str(auth).map_err(io_err)?,
-            );
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).map_err(io_err)?);
         }
-        headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_FRAME))
-            .max_frame_size(Some(MAX_FRAME));
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME));
         tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await
     }
 
@@ -1197,9 +1037,7 @@ pub mod raw {
     /// Sends one agent message as a binary frame.
     pub async fn send(ws: &mut Ws, msg: &AgentMsg) {
         let bytes = encode(msg).expect("encode");
-        ws.send(Message::Binary(bytes.into()))
-            .await
-            .expect("send a frame");
+        ws.send(Message::Binary(bytes.into())).await.expect("send a frame");
     }
 
     /// What arrived from the collector.
@@ -1222,14 +1060,11 @@ pub mod raw {
                     None => return Incoming::Ended("end of stream".into()),
                     Some(Err(e)) => return Incoming::Ended(e.to_string()),
                     Some(Ok(Message::Binary(bytes))) => {
-                        let msg = decode::<ServerMsg>(&bytes)
-                            .expect("collector sent a message that does not decode");
+                        let msg = decode::<ServerMsg>(&bytes).expect("collector sent a message that does not decode");
                         return Incoming::Msg(msg);
                     }
                     Some(Ok(Message::Close(frame))) => {
-                        return Incoming::Close(
-                            frame.map(|f| (u16::from(f.code), f.reason.to_string())),
-                        )
+                        return Incoming::Close(frame.map(|f| (u16::from(f.code), f.reason.to_string())))
                     }
                     Some(Ok(Message::Text(t))) => panic!("collector sent a text frame: {t}"),
                     Some(Ok(_)) => {}
@@ -1243,10 +1078,7 @@ pub mod raw {
 
     /// Closes the connection normally (best effort).
     pub async fn close(ws: &mut Ws) {
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: "test done".into(),
-        };
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "test done".into() };
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
     }
 }
