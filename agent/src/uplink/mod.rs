@@ -109,16 +109,46 @@ impl Dialer {
 
     /// Opens one connection: TCP, TLS, WebSocket upgrade.
     pub async fn connect(&self) -> Result<WsStream, ConnectError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner())
+        self.connect_from(None).await
+    }
+
+    /// Like [`Dialer::connect`], from a chosen local address (the load
+    /// generator spreads connections over 127.0.0.x to get past one
+    /// address's ephemeral ports).
+    pub async fn connect_from(&self, local: Option<std::net::IpAddr>) -> Result<WsStream, ConnectError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(local))
             .await
             .unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
     }
 
-    async fn connect_inner(&self) -> Result<WsStream, ConnectError> {
+    async fn tcp(&self, local: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+        let Some(local) = local else {
+            return TcpStream::connect((self.url.host.as_str(), self.url.port)).await;
+        };
+        let mut last = None;
+        for remote in tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await? {
+            if remote.is_ipv4() != local.is_ipv4() {
+                continue;
+            }
+            let socket =
+                if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(std::net::SocketAddr::new(local, 0))?;
+            match socket.connect(remote).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no address of the collector matches the local address family",
+            )
+        }))
+    }
+
+    async fn connect_inner(&self, local: Option<std::net::IpAddr>) -> Result<WsStream, ConnectError> {
         let addr = format!("{}:{}", self.url.host, self.url.port);
-        let tcp = TcpStream::connect((self.url.host.as_str(), self.url.port))
-            .await
-            .map_err(|source| ConnectError::Tcp { addr: addr.clone(), source })?;
+        let tcp = self.tcp(local).await.map_err(|source| ConnectError::Tcp { addr: addr.clone(), source })?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.url.host.clone()).map_err(|e| ConnectError::Tls {
             host: self.url.host.clone(),
