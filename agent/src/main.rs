@@ -123,8 +123,7 @@ fn init_logging() {
         .ok()
         .and_then(|v| v.parse::<tracing_subscriber::filter::LevelFilter>().ok())
         .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
-    let builder =
-        tracing_subscriber::fmt().with_max_level(level).with_target(false).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false).with_writer(std::io::stderr);
     // Under systemd, journald adds its own timestamps.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
