@@ -189,7 +189,12 @@ impl Executor {
                 Some(format!("maintenance lock held ({} exists)", self.inner.lock_file.display())),
             ));
         }
-        let timeout = bell.timeout_ms.map(|ms| Duration::from_millis(u64::from(ms))).unwrap_or(action.timeout);
+        // The device's config bounds the run time: a bell may ask for less,
+        // never more.
+        let timeout = bell
+            .timeout_ms
+            .map(|ms| Duration::from_millis(u64::from(ms)).min(action.timeout))
+            .unwrap_or(action.timeout);
         let entry = Entry::Started {
             boot_id: self.inner.boot_id.clone(),
             started_ms: now_ms(),
@@ -265,11 +270,19 @@ fn build_argv(action: &Action, params: &[(String, String)]) -> Result<Vec<String
         .command
         .iter()
         .map(|arg| {
-            let mut out = arg.clone();
-            for name in placeholders(arg) {
+            // One pass over the template, so a value is never itself
+            // scanned for placeholders.
+            let mut out = String::with_capacity(arg.len());
+            let mut rest = arg.as_str();
+            while let Some(open) = rest.find('{') {
+                let Some(close) = rest[open..].find('}') else { break };
+                let name = &rest[open + 1..open + close];
                 let value = values.get(name).ok_or_else(|| format!("missing parameter `{name}`"))?;
-                out = out.replace(&format!("{{{name}}}"), value);
+                out.push_str(&rest[..open]);
+                out.push_str(value);
+                rest = &rest[open + close + 1..];
             }
+            out.push_str(rest);
             Ok(out)
         })
         .collect()
@@ -528,6 +541,27 @@ mod tests {
         let ex = Executor::open(&cfg, "boot-2".into()).unwrap();
         let r = ring_and_wait(&ex, bell(7, "reboot", &[])).await;
         assert_eq!(r.last().unwrap().state, BellState::Succeeded);
+    }
+
+    #[test]
+    fn values_are_substituted_once() {
+        let cfg = Config::parse(
+            "collector_url = \"wss://c:1/v1/ws\"\ndevice_id = \"d\"\ntoken = \"t\"\n[actions.x]\ncommand = [\"echo\", \"{a}-{b}\"]\nparams = { a = \".*\", b = \".*\" }\n",
+        )
+        .unwrap();
+        let argv = build_argv(&cfg.actions["x"], &[("a".into(), "{b}".into()), ("b".into(), "2".into())]).unwrap();
+        assert_eq!(argv, ["echo", "{b}-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_bell_cannot_extend_the_actions_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "[actions.hang]\ncommand = [\"sleep\", \"1000\"]\ntimeout = \"300ms\"\n");
+        let ex = Executor::open(&cfg, "b".into()).unwrap();
+        let mut b = bell(1, "hang", &[]);
+        b.timeout_ms = Some(3_600_000);
+        let r = ring_and_wait(&ex, b).await;
+        assert_eq!(r.last().unwrap().state, BellState::TimedOut);
     }
 
     #[test]

@@ -150,6 +150,8 @@ pub struct Bells {
     pending: Mutex<HashMap<u64, BellRecord>>,
     /// Ids of bells that changed (for waiters).
     changed: broadcast::Sender<u64>,
+    /// Bells that reached each final state since start (metrics).
+    finished: std::sync::Mutex<HashMap<BellStatus, u64>>,
 }
 
 fn transition(b: &mut BellRecord, state: BellStatus, note: Option<String>) {
@@ -165,7 +167,14 @@ impl Bells {
         let store = fleet.store().clone();
         let pending: HashMap<u64, BellRecord> = store.pending_bells()?.into_iter().map(|b| (b.id, b)).collect();
         let (changed, _) = broadcast::channel(1024);
-        let bells = Arc::new(Bells { fleet, store, default_ttl, pending: Mutex::new(HashMap::new()), changed });
+        let bells = Arc::new(Bells {
+            fleet,
+            store,
+            default_ttl,
+            pending: Mutex::new(HashMap::new()),
+            changed,
+            finished: std::sync::Mutex::new(HashMap::new()),
+        });
         let queued: Vec<(u64, u64)> =
             pending.values().filter(|b| b.state == BellStatus::Queued).map(|b| (b.id, b.expires_ms)).collect();
         *bells.pending.try_lock().expect("no other user yet") = pending;
@@ -182,10 +191,23 @@ impl Bells {
 
     async fn persist(&self, records: Vec<BellRecord>) -> Result<(), BellError> {
         let store = self.store.clone();
+        let finals: Vec<BellStatus> = records.iter().filter(|b| b.state.is_final()).map(|b| b.state).collect();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || store.put_bells(&records))
             .await
             .map_err(|e| BellError::Store(e.to_string()))?
-            .map_err(|e| BellError::Store(e.to_string()))
+            .map_err(|e| BellError::Store(e.to_string()))?;
+        self.fleet.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
+        let mut finished = self.finished.lock().expect("finished lock");
+        for state in finals {
+            *finished.entry(state).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Bells that reached each final state since the collector started.
+    pub fn finished_counts(&self) -> HashMap<BellStatus, u64> {
+        self.finished.lock().expect("finished lock").clone()
     }
 
     /// Validates and creates bells, durably, then delivers to online devices.

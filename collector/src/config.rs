@@ -72,6 +72,9 @@ pub struct Config {
     /// Default time a bell may wait for an offline device.
     #[serde(deserialize_with = "de_duration")]
     pub bell_ttl: Duration,
+    /// How long one-minute history buckets are kept.
+    #[serde(deserialize_with = "de_duration")]
+    pub history_retention: Duration,
     /// TLS certificate; without one a dev CA is generated.
     pub tls: TlsConfig,
     /// Resource limits.
@@ -144,6 +147,7 @@ impl Default for Config {
             sled_cache_mb: 64,
             shutdown_grace: Duration::from_secs(10),
             bell_ttl: Duration::from_secs(3600),
+            history_retention: Duration::from_secs(7 * 24 * 3600),
             tls: TlsConfig::default(),
             limits: Limits::default(),
             devices: BTreeMap::new(),

@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::gateway::auth;
+use crate::history::{Accumulator, Bucket};
 use crate::store::{DeviceRecord, Enrolment, EventKind, EventRecord, Store};
 
 /// Unix time now, ms.
@@ -63,6 +64,8 @@ struct Device {
     record: DeviceRecord,
     conn: Option<Conn>,
     dirty: bool,
+    /// The open history minute.
+    minute: Option<Accumulator>,
 }
 
 #[derive(Default)]
@@ -74,6 +77,8 @@ struct State {
     dirty: Vec<String>,
     /// Events not yet saved.
     events: Vec<EventRecord>,
+    /// Finished history minutes not yet saved.
+    history: Vec<(String, Bucket)>,
 }
 
 impl State {
@@ -88,7 +93,7 @@ impl State {
 }
 
 /// Counters for the admin API and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Pulses accepted into device state.
     pub pulses_accepted: AtomicU64,
@@ -102,6 +107,24 @@ pub struct Stats {
     pub handshakes: AtomicU64,
     /// Failed handshakes by reason.
     pub handshake_failures: Mutex<HashMap<&'static str, u64>>,
+    /// Latency of durable store writes (device batches, bells), seconds.
+    pub store_write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            pulses_accepted: AtomicU64::new(0),
+            pulses_stored: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            handshake_failures: Mutex::new(HashMap::new()),
+            store_write_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+        }
+    }
 }
 
 impl Stats {
@@ -204,7 +227,9 @@ impl Fleet {
         for e in store.enrolments()? {
             let record = records.remove(&e.device).unwrap_or_default();
             state.keys.insert(e.key_id.clone(), e.device.clone());
-            state.devices.insert(e.device.clone(), Device { enrolment: e, record, conn: None, dirty: false });
+            state
+                .devices
+                .insert(e.device.clone(), Device { enrolment: e, record, conn: None, dirty: false, minute: None });
         }
         let fleet = Arc::new(Fleet { config, store, state: Mutex::new(state), stats: Stats::default() });
         Ok(fleet)
@@ -282,9 +307,16 @@ impl Fleet {
                     state.keys.remove(&old_key);
                 }
                 None => {
-                    state
-                        .devices
-                        .insert(id, Device { enrolment: e, record: DeviceRecord::default(), conn: None, dirty: false });
+                    state.devices.insert(
+                        id,
+                        Device {
+                            enrolment: e,
+                            record: DeviceRecord::default(),
+                            conn: None,
+                            dirty: false,
+                            minute: None,
+                        },
+                    );
                 }
             }
         }
@@ -383,6 +415,14 @@ impl Fleet {
             }
         }
         link.pulses += 1;
+        let minute = (now / 60_000) as u32;
+        let finished = match &mut d.minute {
+            Some(acc) => acc.add(minute, &pulse.health),
+            None => {
+                d.minute = Some(Accumulator::new(minute, &pulse.health));
+                None
+            }
+        };
         d.record.last_seq = pulse.seq;
         d.record.health = Some(pulse.health);
         d.record.last_seen_ms = Some(now);
@@ -396,6 +436,9 @@ impl Fleet {
                 at_ms: now,
                 generation,
             });
+        }
+        if let Some(b) = finished {
+            state.history.push((id.to_string(), b));
         }
         state.mark_dirty(id);
         self.stats.pulses_accepted.fetch_add(1, Ordering::Relaxed);
@@ -535,10 +578,11 @@ impl Fleet {
 
     /// Writes dirty device states and pending events to the store.
     pub fn write_back(&self) -> anyhow::Result<usize> {
-        let (records, events, pulses) = {
+        let (records, events, history, pulses) = {
             let mut state = self.state.lock().expect("fleet lock");
             let ids = std::mem::take(&mut state.dirty);
             let events = std::mem::take(&mut state.events);
+            let history = std::mem::take(&mut state.history);
             let mut records = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(d) = state.devices.get_mut(&id) {
@@ -546,13 +590,20 @@ impl Fleet {
                     records.push((id, d.record.clone()));
                 }
             }
-            (records, events, self.stats.pulses_accepted.load(Ordering::Relaxed))
+            (records, events, history, self.stats.pulses_accepted.load(Ordering::Relaxed))
         };
         if !events.is_empty() {
             self.store.append_events(&events)?;
         }
+        if !history.is_empty() {
+            // Flushed with the device states below.
+            self.store.put_history(&history)?;
+        }
         if !records.is_empty() {
-            if let Err(e) = self.store.put_device_states(&records) {
+            let started = std::time::Instant::now();
+            let result = self.store.put_device_states(&records);
+            self.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = result {
                 // Put them back so the next round retries.
                 let mut state = self.state.lock().expect("fleet lock");
                 for (id, _) in &records {
@@ -564,6 +615,28 @@ impl Fleet {
         }
         self.stats.pulses_stored.store(pulses, Ordering::Relaxed);
         Ok(records.len())
+    }
+
+    /// History of `id` from `since_ms` on: stored minutes plus the open one.
+    pub fn history(&self, id: &str, since_ms: u64) -> anyhow::Result<Option<Vec<Bucket>>> {
+        let open = {
+            let state = self.state.lock().expect("fleet lock");
+            let Some(d) = state.devices.get(id) else { return Ok(None) };
+            d.minute.as_ref().map(Accumulator::bucket)
+        };
+        let since = (since_ms / 60_000) as u32;
+        let mut buckets = self.store.history(id, since)?;
+        if let Some(b) = open {
+            if b.minute >= since && buckets.last().is_none_or(|last| last.minute < b.minute) {
+                buckets.push(b);
+            }
+        }
+        Ok(Some(buckets))
+    }
+
+    /// Ids of every enrolled device.
+    pub fn ids(&self) -> Vec<String> {
+        self.state.lock().expect("fleet lock").devices.keys().cloned().collect()
     }
 
     /// Closes every connection with `code` and marks their devices offline

@@ -9,6 +9,7 @@
 //!   liveness events; written back to the store in batches.
 //! - [`gateway`]: TLS accept, WebSocket upgrade, token auth (`gateway/auth.rs`),
 //!   one session per device connection (`gateway/session.rs`).
+//! - [`history`]: one-minute aggregates per device, kept for a week.
 //! - [`bells`]: the durable bell queue and its state machine.
 //! - [`admin`]: the admin HTTP API (JSON) for the CLI and scripts.
 //! - [`server`]: wires it all together; start on port 0 in tests.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod gateway;
+pub mod history;
 pub mod server;
 pub mod store;
 pub mod tls;

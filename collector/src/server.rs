@@ -104,7 +104,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             .await
     });
 
-    let write_back_task = tokio::spawn(write_back_loop(fleet.clone(), config.write_back, shutdown_rx.clone()));
+    let write_back_task =
+        tokio::spawn(write_back_loop(fleet.clone(), config.write_back, config.history_retention, shutdown_rx.clone()));
     restart_liveness(&fleet);
 
     let run = serde_json::json!({
@@ -161,11 +162,17 @@ impl Server {
 }
 
 /// Writes device state back every `period`, until shutdown.
-async fn write_back_loop(fleet: Arc<Fleet>, period: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn write_back_loop(
+    fleet: Arc<Fleet>,
+    period: Duration,
+    history_retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let retention = Duration::from_secs(30 * 24 * 3600);
-    let mut since_prune = 0u32;
+    let prune_every = (Duration::from_secs(3600).as_millis() / period.as_millis().max(1)) as u32;
+    let mut since_prune = prune_every; // prune once at start
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -173,7 +180,7 @@ async fn write_back_loop(fleet: Arc<Fleet>, period: Duration, mut shutdown: watc
         }
         let f = fleet.clone();
         since_prune += 1;
-        let prune = since_prune >= 3600;
+        let prune = since_prune >= prune_every;
         if prune {
             since_prune = 0;
         }
@@ -181,6 +188,10 @@ async fn write_back_loop(fleet: Arc<Fleet>, period: Duration, mut shutdown: watc
             f.write_back()?;
             if prune {
                 f.store().prune_events(now_ms().saturating_sub(retention.as_millis() as u64))?;
+                let cutoff = (now_ms().saturating_sub(history_retention.as_millis() as u64) / 60_000) as u32;
+                for id in f.ids() {
+                    f.store().prune_history(&id, cutoff)?;
+                }
             }
             anyhow::Ok(())
         })

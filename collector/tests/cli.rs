@@ -31,8 +31,18 @@ fn default_config_is_valid() {
 #[test]
 fn bell_usage_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [&["bell", "only-one-arg"][..], &["bell", "--tag", "t", "dev", "action"], &["bell", "d", "a", "--param", "novalue"]] {
-        let out = collector().arg("--data-dir").arg(dir.path()).args(args).env("PULSEBELL_ADMIN_TOKEN", "x").output().unwrap();
+    for args in [
+        &["bell", "only-one-arg"][..],
+        &["bell", "--tag", "t", "dev", "action"],
+        &["bell", "d", "a", "--param", "novalue"],
+    ] {
+        let out = collector()
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env("PULSEBELL_ADMIN_TOKEN", "x")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -18,8 +18,10 @@
 //! | POST | `/v1/bells/{id}/cancel` | cancel |
 //! | GET | `/v1/events?device=&since_ms=&limit=` | liveness events |
 //! | GET | `/v1/stats` | counters |
+//! | GET | `/metrics` | Prometheus text format ([`metrics`]) |
 
 mod api;
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -95,6 +97,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/bells/{id}/cancel", post(api::cancel_bell))
         .route("/v1/events", get(api::events))
         .route("/v1/stats", get(api::stats))
+        .route("/metrics", get(metrics::handler))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new().route("/healthz", get(|| async { "ok\n" })).merge(api).with_state(state)
 }

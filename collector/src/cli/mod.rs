@@ -109,7 +109,7 @@ pub enum Command {
         /// How long to wait for an offline device [default: 1h]
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
-        /// Run-time limit [default: the action's]
+        /// Run-time limit, at most the action's own [default: the action's]
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<Duration>,
         /// Wait for the result; exit 0 only if every bell succeeded.

@@ -254,6 +254,14 @@ pub trait Store: Send + Sync + 'static {
     /// Drops events older than `before_ms`; returns how many.
     fn prune_events(&self, before_ms: u64) -> Result<usize>;
 
+    /// Stores finished history buckets. Not flushed by itself (the
+    /// write-back loop flushes).
+    fn put_history(&self, buckets: &[(String, crate::history::Bucket)]) -> Result<()>;
+    /// Buckets of `device` from `since_minute` on, oldest first.
+    fn history(&self, device: &str, since_minute: u32) -> Result<Vec<crate::history::Bucket>>;
+    /// Deletes buckets of `device` older than `before_minute`; returns how many.
+    fn prune_history(&self, device: &str, before_minute: u32) -> Result<usize>;
+
     /// Flushes everything written so far to disk.
     fn flush(&self) -> Result<()>;
 }

@@ -7,6 +7,7 @@
 //! - `bells_by_device`: device id, 0, id (u64 BE) → ()
 //! - `bells_pending`: id (u64 BE) → () for bells not in a final state
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
+//! - `history`: device id, 0, minute (u32 BE) → [`crate::history::Bucket`] (postcard, compact)
 //!
 //! Values are JSON so records can gain fields (`#[serde(default)]`)
 //! without a migration.
@@ -28,6 +29,7 @@ pub struct SledStore {
     bells_by_device: Tree,
     bells_pending: Tree,
     events: Tree,
+    history: Tree,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -80,6 +82,7 @@ impl SledStore {
             bells_by_device: tree("bells_by_device")?,
             bells_pending: tree("bells_pending")?,
             events: tree("events")?,
+            history: tree("history")?,
             db,
         })
     }
@@ -106,6 +109,7 @@ impl Store for SledStore {
     fn delete_device(&self, device: &str) -> Result<bool> {
         let existed = self.enrolments.remove(device.as_bytes()).map_err(db_err)?.is_some();
         self.devices.remove(device.as_bytes()).map_err(db_err)?;
+        self.prune_history(device, u32::MAX)?;
         self.flush_now()?;
         Ok(existed)
     }
@@ -242,6 +246,48 @@ impl Store for SledStore {
         for kv in self.events.range(..before_ms.to_be_bytes()) {
             let (k, _) = kv.map_err(db_err)?;
             self.events.remove(k).map_err(db_err)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn put_history(&self, buckets: &[(String, crate::history::Bucket)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (device, b) in buckets {
+            let mut key = device_prefix(device);
+            key.extend_from_slice(&b.minute.to_be_bytes());
+            batch.insert(key, postcard::to_stdvec(b).map_err(db_err)?);
+        }
+        self.history.apply_batch(batch).map_err(db_err)
+    }
+
+    fn history(&self, device: &str, since_minute: u32) -> Result<Vec<crate::history::Bucket>> {
+        let prefix = device_prefix(device);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&since_minute.to_be_bytes());
+        let mut end = prefix;
+        end.extend_from_slice(&u32::MAX.to_be_bytes());
+        self.history
+            .range(start..=end)
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
+                    tree: "history",
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    error: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn prune_history(&self, device: &str, before_minute: u32) -> Result<usize> {
+        let prefix = device_prefix(device);
+        let mut end = prefix.clone();
+        end.extend_from_slice(&before_minute.to_be_bytes());
+        let mut n = 0;
+        for kv in self.history.range(prefix..end) {
+            let (k, _) = kv.map_err(db_err)?;
+            self.history.remove(k).map_err(db_err)?;
             n += 1;
         }
         Ok(n)
