@@ -166,7 +166,9 @@ impl Executor {
             if !bell.params.is_empty() {
                 return self.finish(report(bell.id, BellState::Rejected, Some("`ping` takes no parameters".into())));
             }
-            return self.emit(report(bell.id, BellState::Succeeded, None));
+            let mut r = report(bell.id, BellState::Succeeded, None);
+            r.exit_code = Some(0);
+            return self.emit(r);
         }
         let action = match self.inner.actions.get(&bell.action) {
             Some(a) => a.clone(),

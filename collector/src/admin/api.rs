@@ -230,3 +230,36 @@ pub async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "handshake_failures": failures,
     }))
 }
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    since_ms: Option<u64>,
+}
+
+pub async fn history(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let since = q.since_ms.unwrap_or_else(|| now_ms().saturating_sub(3_600_000));
+    let fleet = state.fleet.clone();
+    let target = id.clone();
+    let buckets = tokio::task::spawn_blocking(move || fleet.history(&target, since))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no enrolled device `{id}`")))?;
+    let buckets: Vec<serde_json::Value> = buckets
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "start": rfc3339(u64::from(b.minute) * 60_000),
+                "samples": b.samples,
+                "cpu": b.cpu,
+                "temp": b.temp,
+                "mem": b.mem,
+                "load": b.load,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "device": id, "bucket_secs": 60, "buckets": buckets })))
+}

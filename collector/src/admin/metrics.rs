@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -138,8 +138,55 @@ pub async fn render(state: &AdminState) -> String {
     out
 }
 
-/// The handler.
-pub async fn handler(State(state): State<AdminState>) -> impl IntoResponse {
+/// The handler: OpenMetrics when the scraper asks for it (Prometheus
+/// does), the classic text format otherwise (promtool, curl, older tools).
+pub async fn handler(State(state): State<AdminState>, headers: HeaderMap) -> impl IntoResponse {
     let body = render(&state).await;
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+    } else {
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], to_prometheus_text(&body))
+    }
+}
+
+/// OpenMetrics → Prometheus text 0.0.4: counter families are named with
+/// their `_total` suffix, and `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_become_total_families() {
+        let om = "# HELP x_events Events.\n# TYPE x_events counter\nx_events_total 3\n# HELP x_size Size.\n# TYPE x_size gauge\n# UNIT x_size bytes\nx_size 1.0\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_events_total Events.\n# TYPE x_events_total counter\nx_events_total 3\n# HELP x_size Size.\n# TYPE x_size gauge\nx_size 1.0\n"
+        );
+    }
 }

@@ -12,6 +12,7 @@
 //! | GET | `/v1/devices` | every device ([`DeviceView`]) |
 //! | GET | `/v1/devices/{id}` | one device |
 //! | DELETE | `/v1/devices/{id}` | revoke |
+//! | GET | `/v1/devices/{id}/history?since_ms=` | one-minute buckets (default: last hour) |
 //! | POST | `/v1/bells?wait_ms=` | ring ([`RingRequest`]) → `{bells: [...]}` |
 //! | GET | `/v1/bells?device=&limit=` | recent bells |
 //! | GET | `/v1/bells/{id}?wait_ms=` | one bell, optionally waiting for its end |
@@ -92,6 +93,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/devices", get(api::list_devices).post(api::enroll))
         .route("/v1/devices/bulk", post(api::enroll_bulk))
         .route("/v1/devices/{id}", get(api::show_device).delete(api::revoke))
+        .route("/v1/devices/{id}/history", get(api::history))
         .route("/v1/bells", get(api::list_bells).post(api::ring))
         .route("/v1/bells/{id}", get(api::show_bell))
         .route("/v1/bells/{id}/cancel", post(api::cancel_bell))

@@ -6,6 +6,7 @@ mod bell;
 mod client;
 mod demo;
 mod events;
+mod history;
 mod status;
 
 use std::path::PathBuf;
@@ -140,6 +141,20 @@ pub enum Command {
         /// Bell id.
         id: u64,
     },
+    /// A device's one-minute history: sparkline and min/avg/max, or JSON.
+    History {
+        /// Device id.
+        device: String,
+        /// cpu, temp, mem or load.
+        #[arg(long, default_value = "cpu")]
+        metric: String,
+        /// How far back.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        since: Duration,
+        /// JSON buckets.
+        #[arg(long)]
+        json: bool,
+    },
     /// Online/offline events.
     Events {
         /// Only this device's.
@@ -260,11 +275,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             bell::cancel(&client()?, id).await?;
             Ok(0)
         }
+        Command::History { device, metric, since, json } => {
+            if history_metric_invalid(&metric) {
+                return usage("--metric must be one of cpu, temp, mem, load");
+            }
+            history::show(&client()?, &device, &metric, since, json).await?;
+            Ok(0)
+        }
         Command::Events { device, since, json } => {
             events::list(&client()?, device.as_deref(), since, json).await?;
             Ok(0)
         }
     }
+}
+
+fn history_metric_invalid(m: &str) -> bool {
+    crate::history::Metric::parse(m).is_none()
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
