@@ -23,7 +23,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::config::{placeholders, Action, Config};
+use crate::config::{Action, Config};
 use crate::journal::{Entry, Journal, JournaledReport};
 
 /// The built-in action: always allowed, never disruptive, succeeds at once.

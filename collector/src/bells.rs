@@ -394,6 +394,14 @@ impl Bells {
         }
         if b.state.is_final() {
             info!(bell = b.id, device, state = b.state.as_str(), exit_code = ?b.exit_code, "bell finished");
+            if matches!(b.state, BellStatus::Failed | BellStatus::TimedOut) {
+                let details = serde_json::json!({
+                    "bell": b.id, "action": b.action, "state": b.state.as_str(),
+                    "exit_code": b.exit_code, "reason": b.reason,
+                });
+                let summary = format!("bell {} ({}) on {device} {}", b.id, b.action, b.state.as_str());
+                self.fleet.raise_alert(crate::alerts::AlertKind::BellFailed, device, summary, details);
+            }
             pending.remove(&b.id);
         } else {
             pending.insert(b.id, b.clone());

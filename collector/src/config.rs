@@ -81,6 +81,21 @@ pub struct Config {
     pub limits: Limits,
     /// Per-device overrides.
     pub devices: BTreeMap<String, DeviceOverride>,
+    /// Alert hooks.
+    pub alerts: AlertsConfig,
+}
+
+/// `[alerts]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// URLs that get each alert as a JSON POST.
+    pub webhooks: Vec<String>,
+    /// A command (argv, no shell) that gets each alert as JSON on stdin.
+    pub command: Vec<String>,
+    /// Which alerts: `device_offline`, `device_online`, `under_voltage`,
+    /// `throttled`, `bell_failed`. Empty: all.
+    pub events: Vec<String>,
 }
 
 /// `[tls]`
@@ -151,6 +166,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             devices: BTreeMap::new(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -205,6 +221,18 @@ impl Config {
         }
         if self.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {
             return bad("offline_after", "must be at least 300ms");
+        }
+        for (i, url) in self.alerts.webhooks.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<reqwest::Url>().is_err() {
+                return bad(&format!("alerts.webhooks[{i}]"), "must be an http:// or https:// URL");
+            }
+        }
+        if self.alerts.command.first().is_some_and(|c| c.is_empty()) {
+            return bad("alerts.command", "must name a program: command = [\"/path/to/program\", ...]");
+        }
+        const KINDS: [&str; 5] = ["device_offline", "device_online", "under_voltage", "throttled", "bell_failed"];
+        if let Some(e) = self.alerts.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
+            return bad("alerts.events", &format!("unknown event `{e}`; use {}", KINDS.join(", ")));
         }
         for (id, o) in &self.devices {
             if o.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::alerts::{AlertKind, Alerts, OutboxEntry};
 use crate::config::Config;
 use crate::gateway::auth;
 use crate::history::{Accumulator, Bucket};
@@ -79,6 +80,8 @@ struct State {
     events: Vec<EventRecord>,
     /// Finished history minutes not yet saved.
     history: Vec<(String, Bucket)>,
+    /// Alerts not yet in the outbox.
+    alerts: Vec<OutboxEntry>,
 }
 
 impl State {
@@ -214,6 +217,7 @@ pub struct LinkView {
 pub struct Fleet {
     config: Arc<Config>,
     store: Arc<dyn Store>,
+    alerts: Option<Arc<Alerts>>,
     state: Mutex<State>,
     /// Counters.
     pub stats: Stats,
@@ -231,7 +235,8 @@ impl Fleet {
                 .devices
                 .insert(e.device.clone(), Device { enrolment: e, record, conn: None, dirty: false, minute: None });
         }
-        let fleet = Arc::new(Fleet { config, store, state: Mutex::new(state), stats: Stats::default() });
+        let alerts = Alerts::new(config.alerts.clone(), store.clone());
+        let fleet = Arc::new(Fleet { config, store, alerts, state: Mutex::new(state), stats: Stats::default() });
         Ok(fleet)
     }
 
@@ -254,6 +259,29 @@ impl Fleet {
     fn offline_after_of(&self, id: &str, record: &DeviceRecord) -> Duration {
         let interval = record.hello.as_ref().map_or(5000, |h| h.interval_ms);
         self.config.offline_after(id, Duration::from_millis(u64::from(interval)))
+    }
+
+    /// The alert sender, if any sink is configured.
+    pub fn alerts(&self) -> Option<&Arc<Alerts>> {
+        self.alerts.as_ref()
+    }
+
+    /// Queues an alert for the outbox (written with the next write-back).
+    fn raise(&self, state: &mut State, kind: AlertKind, device: &str, summary: String, details: serde_json::Value) {
+        let Some(alerts) = &self.alerts else { return };
+        if !alerts.wants(kind) {
+            return;
+        }
+        match alerts.entry(kind, device, summary, details) {
+            Ok(e) => state.alerts.push(e),
+            Err(e) => warn!(error = %e, "cannot raise an alert"),
+        }
+    }
+
+    /// Raises an alert from outside the fleet (bells).
+    pub fn raise_alert(&self, kind: AlertKind, device: &str, summary: String, details: serde_json::Value) {
+        let mut state = self.state.lock().expect("fleet lock");
+        self.raise(&mut state, kind, device, summary, details);
     }
 
     /// Checks a device token; returns the device id.
@@ -374,6 +402,10 @@ impl Fleet {
         if link.connects_ms.len() > MAX_CONNECTS {
             link.connects_ms.remove(0);
         }
+        // "Online again" is worth an alert only after an offline that was
+        // one (not a collector restart or the first connection).
+        let seen_before = d.record.generation > 1
+            && d.record.last_offline_reason.as_deref().is_some_and(|r| r == "silent" || r == "disconnected");
         let was_online = std::mem::replace(&mut d.record.online, true);
         if !was_online {
             info!(device = id, generation, "online");
@@ -387,6 +419,10 @@ impl Fleet {
             at_ms: now,
             generation,
         });
+        if !was_online && seen_before {
+            let details = serde_json::json!({ "reason": "connected", "generation": generation });
+            self.raise(&mut state, AlertKind::DeviceOnline, id, format!("{id} is online again"), details);
+        }
         state.mark_dirty(id);
         self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
         Some(Accepted { generation, offline_after })
@@ -424,9 +460,13 @@ impl Fleet {
             }
         };
         d.record.last_seq = pulse.seq;
+        let before = d.record.health.as_ref().and_then(|h| h.throttled).map_or(0, |t| t.0 & 0xf);
+        let after = pulse.health.throttled.map_or(0, |t| t.0 & 0xf);
+        let appeared = after & !before;
         d.record.health = Some(pulse.health);
         d.record.last_seen_ms = Some(now);
-        if !d.record.online {
+        let back = !d.record.online;
+        if back {
             d.record.online = true;
             info!(device = id, generation, "online again: pulsing");
             state.events.push(EventRecord {
@@ -436,6 +476,18 @@ impl Fleet {
                 at_ms: now,
                 generation,
             });
+            let details = serde_json::json!({ "reason": "pulse", "generation": generation });
+            self.raise(&mut state, AlertKind::DeviceOnline, id, format!("{id} is online again"), details);
+        }
+        if appeared & pulsebell_proto::Throttled::UNDER_VOLTAGE != 0 {
+            let details = serde_json::json!({ "flags": after });
+            self.raise(&mut state, AlertKind::UnderVoltage, id, format!("{id}: under-voltage detected"), details);
+        }
+        if appeared & !pulsebell_proto::Throttled::UNDER_VOLTAGE != 0 {
+            let t = pulsebell_proto::view::ThrottledView::from(pulsebell_proto::Throttled(after));
+            let what = t.warnings().join(", ");
+            let details = serde_json::json!({ "flags": after, "throttled": t });
+            self.raise(&mut state, AlertKind::Throttled, id, format!("{id}: {what}"), details);
         }
         if let Some(b) = finished {
             state.history.push((id.to_string(), b));
@@ -469,6 +521,7 @@ impl Fleet {
             d.conn = None;
         }
         if std::mem::replace(&mut d.record.online, false) {
+            d.record.last_offline_reason = Some(reason.to_string());
             info!(device = id, generation, reason, "offline");
             state.events.push(EventRecord {
                 device: id.to_string(),
@@ -477,6 +530,10 @@ impl Fleet {
                 at_ms: now_ms(),
                 generation,
             });
+            if reason == "silent" || reason == "disconnected" {
+                let details = serde_json::json!({ "reason": reason, "generation": generation });
+                self.raise(&mut state, AlertKind::DeviceOffline, id, format!("{id} is offline ({reason})"), details);
+            }
         }
         state.mark_dirty(id);
     }
@@ -578,11 +635,12 @@ impl Fleet {
 
     /// Writes dirty device states and pending events to the store.
     pub fn write_back(&self) -> anyhow::Result<usize> {
-        let (records, events, history, pulses) = {
+        let (records, events, history, alerts, pulses) = {
             let mut state = self.state.lock().expect("fleet lock");
             let ids = std::mem::take(&mut state.dirty);
             let events = std::mem::take(&mut state.events);
             let history = std::mem::take(&mut state.history);
+            let alerts = std::mem::take(&mut state.alerts);
             let mut records = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(d) = state.devices.get_mut(&id) {
@@ -590,8 +648,14 @@ impl Fleet {
                     records.push((id, d.record.clone()));
                 }
             }
-            (records, events, history, self.stats.pulses_accepted.load(Ordering::Relaxed))
+            (records, events, history, alerts, self.stats.pulses_accepted.load(Ordering::Relaxed))
         };
+        if !alerts.is_empty() {
+            self.store.put_outbox(&alerts)?;
+            if let Some(a) = &self.alerts {
+                a.wake();
+            }
+        }
         if !events.is_empty() {
             self.store.append_events(&events)?;
         }
@@ -651,6 +715,7 @@ impl Fleet {
                 let _ = conn.tx.try_send(Outbound::Close(code, reason.to_string()));
             }
             if std::mem::replace(&mut d.record.online, false) {
+                d.record.last_offline_reason = Some("collector_shutdown".into());
                 events.push(EventRecord {
                     device: id.clone(),
                     kind: EventKind::Offline,

@@ -11,12 +11,14 @@
 //!   one session per device connection (`gateway/session.rs`).
 //! - [`history`]: one-minute aggregates per device, kept for a week.
 //! - [`bells`]: the durable bell queue and its state machine.
+//! - [`alerts`]: webhook/command hooks on transitions, from a durable outbox.
 //! - [`admin`]: the admin HTTP API (JSON) for the CLI and scripts.
 //! - [`server`]: wires it all together; start on port 0 in tests.
 //! - [`cli`]: the command line, one file per group of subcommands.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alerts;
 pub mod bells;
 pub mod cli;
 pub mod config;

@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let write_back_task =
         tokio::spawn(write_back_loop(fleet.clone(), config.write_back, config.history_retention, shutdown_rx.clone()));
     restart_liveness(&fleet);
+    let alerts_task = fleet.alerts().cloned().map(|a| tokio::spawn(a.run(shutdown_rx.clone())));
 
     let run = serde_json::json!({
         "pid": std::process::id(),
@@ -132,6 +133,9 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             }
             let _ = admin_task.await;
             let _ = write_back_task.await;
+            if let Some(t) = alerts_task {
+                let _ = t.await;
+            }
             let fleet2 = fleet.clone();
             tokio::task::spawn_blocking(move || {
                 fleet2.write_back()?;

@@ -85,6 +85,9 @@ pub struct DeviceRecord {
     pub generation: u64,
     /// Whether the device was online at the time of writing.
     pub online: bool,
+    /// Why it last went offline.
+    #[serde(default)]
+    pub last_offline_reason: Option<String>,
     /// Link quality.
     #[serde(default)]
     pub link: LinkStats,
@@ -261,6 +264,17 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, device: &str, since_minute: u32) -> Result<Vec<crate::history::Bucket>>;
     /// Deletes buckets of `device` older than `before_minute`; returns how many.
     fn prune_history(&self, device: &str, before_minute: u32) -> Result<usize>;
+
+    /// A new unique id (alerts and other records).
+    fn next_id(&self) -> Result<u64>;
+    /// A random id of this database, made on first open.
+    fn instance_id(&self) -> String;
+    /// Writes alert outbox entries (new or updated). Durable.
+    fn put_outbox(&self, entries: &[crate::alerts::OutboxEntry]) -> Result<()>;
+    /// Every outbox entry, oldest first.
+    fn outbox(&self) -> Result<Vec<crate::alerts::OutboxEntry>>;
+    /// Removes a delivered entry. Durable.
+    fn remove_outbox(&self, id: u64) -> Result<()>;
 
     /// Flushes everything written so far to disk.
     fn flush(&self) -> Result<()>;

@@ -7,6 +7,8 @@
 //! - `bells_by_device`: device id, 0, id (u64 BE) → ()
 //! - `bells_pending`: id (u64 BE) → () for bells not in a final state
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
+//! - `outbox`: alert id (u64 BE) → [`crate::alerts::OutboxEntry`] (JSON)
+//! - `meta`: `instance` → random id of this database
 //! - `history`: device id, 0, minute (u32 BE) → [`crate::history::Bucket`] (postcard, compact)
 //!
 //! Values are JSON so records can gain fields (`#[serde(default)]`)
@@ -30,6 +32,8 @@ pub struct SledStore {
     bells_pending: Tree,
     events: Tree,
     history: Tree,
+    outbox: Tree,
+    instance: String,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -75,6 +79,15 @@ impl SledStore {
             .open()
             .map_err(|e| StoreError::Db(format!("cannot open sled at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        let meta = tree("meta")?;
+        let instance = match meta.get("instance").map_err(db_err)? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                meta.insert("instance", id.as_bytes()).map_err(db_err)?;
+                id
+            }
+        };
         Ok(SledStore {
             enrolments: tree("enrolments")?,
             devices: tree("devices")?,
@@ -83,6 +96,8 @@ impl SledStore {
             bells_pending: tree("bells_pending")?,
             events: tree("events")?,
             history: tree("history")?,
+            outbox: tree("outbox")?,
+            instance,
             db,
         })
     }
@@ -291,6 +306,38 @@ impl Store for SledStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn next_id(&self) -> Result<u64> {
+        self.db.generate_id().map_err(db_err)
+    }
+
+    fn instance_id(&self) -> String {
+        self.instance.clone()
+    }
+
+    fn put_outbox(&self, entries: &[crate::alerts::OutboxEntry]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&e.alert.id.to_be_bytes(), encode(e)?);
+        }
+        self.outbox.apply_batch(batch).map_err(db_err)?;
+        self.flush_now()
+    }
+
+    fn outbox(&self) -> Result<Vec<crate::alerts::OutboxEntry>> {
+        self.outbox
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                decode("outbox", &k, &v)
+            })
+            .collect()
+    }
+
+    fn remove_outbox(&self, id: u64) -> Result<()> {
+        self.outbox.remove(id.to_be_bytes()).map_err(db_err)?;
+        self.flush_now()
     }
 
     fn flush(&self) -> Result<()> {
