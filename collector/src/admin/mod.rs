@@ -20,8 +20,11 @@
 //! | GET | `/v1/events?device=&since_ms=&limit=` | liveness events |
 //! | GET | `/v1/stats` | counters |
 //! | GET | `/metrics` | Prometheus text format ([`metrics`]) |
+//! | GET | `/`, `/login` | the dashboard ([`dashboard`]; cookie login) |
+//! | GET | `/v1/stream` | the fleet as Server-Sent Events |
 
 mod api;
+pub mod dashboard;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -80,8 +83,15 @@ impl From<anyhow::Error> for ApiError {
 }
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
-    match given {
+    // The CLI and scripts send the bearer token; the dashboard, its cookie.
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+        .map(str::to_string)
+        .or_else(|| dashboard::cookie_token(req.headers()));
+    match given.as_deref() {
         Some(t) if auth::tokens_equal(t, &state.token) => next.run(req).await,
         _ => ApiError(StatusCode::UNAUTHORIZED, "missing or invalid admin token".into()).into_response(),
     }
@@ -100,6 +110,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/events", get(api::events))
         .route("/v1/stats", get(api::stats))
         .route("/metrics", get(metrics::handler))
+        .route("/v1/stream", get(dashboard::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new().route("/healthz", get(|| async { "ok\n" })).merge(api).with_state(state)
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/", get(dashboard::index))
+        .route("/login", get(dashboard::login_form).post(dashboard::login))
+        .merge(api)
+        .with_state(state)
 }
