@@ -4,8 +4,9 @@
 //!
 //! Pulses fold into the device's open minute in memory ([`Accumulator`]);
 //! a finished minute becomes a [`Bucket`] that the write-back loop stores.
-//! Old buckets are deleted hourly. A bucket is about 40 bytes of postcard
-//! plus sled's per-key overhead; see the README for the measured size.
+//! Old buckets are deleted hourly. A bucket is stored as fixed-point
+//! integers ([`StoredBucket`], about 30 bytes of postcard) plus sled's
+//! per-key overhead; see the README for the measured size.
 
 use pulsebell_proto::Health;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,64 @@ pub struct Bucket {
     pub mem: Agg,
     /// 1-minute load average.
     pub load: Agg,
+}
+
+/// A bucket as stored: fixed-point integers (postcard varints), about 40
+/// bytes instead of ~100 with floats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBucket {
+    minute: u32,
+    samples: u32,
+    /// CPU min/avg/max, 0.1 %.
+    cpu: [u16; 3],
+    /// Temperature min/avg/max, 0.1 °C.
+    temp: Option<[i16; 3]>,
+    /// Memory used min/avg/max, KiB.
+    mem_kib: [u64; 3],
+    /// Load min/avg/max, hundredths.
+    load: [u32; 3],
+}
+
+fn fixed<T>(a: Agg, scale: f64, conv: impl Fn(f64) -> T) -> [T; 3] {
+    [conv((a.min * scale).round()), conv((a.avg * scale).round()), conv((a.max * scale).round())]
+}
+
+fn float<T: Copy + Into<f64>>(v: [T; 3], scale: f64) -> Agg {
+    Agg { min: v[0].into() / scale, avg: v[1].into() / scale, max: v[2].into() / scale }
+}
+
+impl StoredBucket {
+    /// Start of the minute, Unix minutes.
+    pub fn minute(&self) -> u32 {
+        self.minute
+    }
+}
+
+impl From<&Bucket> for StoredBucket {
+    fn from(b: &Bucket) -> Self {
+        StoredBucket {
+            minute: b.minute,
+            samples: b.samples,
+            cpu: fixed(b.cpu, 10.0, |v| v.clamp(0.0, 1000.0) as u16),
+            temp: b.temp.map(|t| fixed(t, 10.0, |v| v.clamp(-32768.0, 32767.0) as i16)),
+            mem_kib: fixed(b.mem, 1.0 / 1024.0, |v| v.max(0.0) as u64),
+            load: fixed(b.load, 100.0, |v| v.max(0.0) as u32),
+        }
+    }
+}
+
+impl From<StoredBucket> for Bucket {
+    fn from(s: StoredBucket) -> Self {
+        let mem = [s.mem_kib[0] as f64, s.mem_kib[1] as f64, s.mem_kib[2] as f64];
+        Bucket {
+            minute: s.minute,
+            samples: s.samples,
+            cpu: float(s.cpu, 10.0),
+            temp: s.temp.map(|t| float(t, 10.0)),
+            mem: float(mem, 1.0 / 1024.0),
+            load: float(s.load, 100.0),
+        }
+    }
 }
 
 /// Which metric to read from a bucket.
@@ -213,6 +272,21 @@ mod tests {
         assert_eq!(b.load.avg, 1.5);
         let open = a.bucket();
         assert_eq!((open.minute, open.samples, open.temp), (101, 1, None));
+    }
+
+    #[test]
+    fn stored_buckets_are_small_and_round_trip() {
+        let mut a = Accumulator::new(29_000_000, &h(123, Some(456)));
+        a.add(29_000_000, &h(130, Some(470)));
+        let b = a.bucket();
+        let stored = StoredBucket::from(&b);
+        let bytes = postcard::to_stdvec(&stored).unwrap();
+        assert!(bytes.len() <= 48, "{} bytes", bytes.len());
+        let back = Bucket::from(postcard::from_bytes::<StoredBucket>(&bytes).unwrap());
+        assert_eq!(back.cpu, Agg { min: 12.3, avg: 12.7, max: 13.0 });
+        assert_eq!(back.temp.unwrap().max, 47.0);
+        assert_eq!(back.mem, b.mem);
+        assert_eq!(back.load, b.load);
     }
 
     #[test]

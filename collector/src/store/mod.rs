@@ -262,7 +262,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_history(&self, buckets: &[(String, crate::history::Bucket)]) -> Result<()>;
     /// Buckets of `device` from `since_minute` on, oldest first.
     fn history(&self, device: &str, since_minute: u32) -> Result<Vec<crate::history::Bucket>>;
-    /// Deletes buckets of `device` older than `before_minute`; returns how many.
+    /// Deletes buckets of `device` older than `before_minute` (whole hours);
+    /// returns how many keys went.
     fn prune_history(&self, device: &str, before_minute: u32) -> Result<usize>;
 
     /// A new unique id (alerts and other records).

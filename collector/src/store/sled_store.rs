@@ -9,7 +9,7 @@
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
 //! - `outbox`: alert id (u64 BE) → [`crate::alerts::OutboxEntry`] (JSON)
 //! - `meta`: `instance` → random id of this database
-//! - `history`: device id, 0, minute (u32 BE) → [`crate::history::Bucket`] (postcard, compact)
+//! - `history`: device id, 0, hour (u32 BE) → that hour's minutes, `Vec<StoredBucket>` (postcard)
 //!
 //! Values are JSON so records can gain fields (`#[serde(default)]`)
 //! without a migration.
@@ -57,6 +57,12 @@ fn by_device_key(device: &str, id: u64) -> Vec<u8> {
     k.extend_from_slice(device.as_bytes());
     k.push(0);
     k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn history_key(device: &str, hour: u32) -> Vec<u8> {
+    let mut k = device_prefix(device);
+    k.extend_from_slice(&hour.to_be_bytes());
     k
 }
 
@@ -267,40 +273,59 @@ impl Store for SledStore {
     }
 
     fn put_history(&self, buckets: &[(String, crate::history::Bucket)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        use crate::history::StoredBucket;
+        // One key per device-hour holding up to 60 minutes: far less
+        // per-key overhead in sled than a key per minute.
         for (device, b) in buckets {
-            let mut key = device_prefix(device);
-            key.extend_from_slice(&b.minute.to_be_bytes());
-            batch.insert(key, postcard::to_stdvec(b).map_err(db_err)?);
+            let key = history_key(device, b.minute / 60);
+            let stored = StoredBucket::from(b);
+            let mut error = None;
+            self.history
+                .fetch_and_update(key, |old| {
+                    let mut hour: Vec<StoredBucket> =
+                        old.and_then(|v| postcard::from_bytes(v).ok()).unwrap_or_default();
+                    match hour.binary_search_by_key(&stored.minute(), StoredBucket::minute) {
+                        Ok(i) => hour[i] = stored.clone(),
+                        Err(i) => hour.insert(i, stored.clone()),
+                    }
+                    match postcard::to_stdvec(&hour) {
+                        Ok(bytes) => Some(bytes),
+                        Err(e) => {
+                            error = Some(e);
+                            old.map(|v| v.to_vec())
+                        }
+                    }
+                })
+                .map_err(db_err)?;
+            if let Some(e) = error {
+                return Err(db_err(e));
+            }
         }
-        self.history.apply_batch(batch).map_err(db_err)
+        Ok(())
     }
 
     fn history(&self, device: &str, since_minute: u32) -> Result<Vec<crate::history::Bucket>> {
-        let prefix = device_prefix(device);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&since_minute.to_be_bytes());
-        let mut end = prefix;
-        end.extend_from_slice(&u32::MAX.to_be_bytes());
-        self.history
-            .range(start..=end)
-            .map(|kv| {
-                let (k, v) = kv.map_err(db_err)?;
-                postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
-                    tree: "history",
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    error: e.to_string(),
-                })
-            })
-            .collect()
+        use crate::history::StoredBucket;
+        let start = history_key(device, since_minute / 60);
+        let end = history_key(device, u32::MAX);
+        let mut out = Vec::new();
+        for kv in self.history.range(start..=end) {
+            let (k, v) = kv.map_err(db_err)?;
+            let hour: Vec<StoredBucket> = postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
+                tree: "history",
+                key: String::from_utf8_lossy(&k).into_owned(),
+                error: e.to_string(),
+            })?;
+            out.extend(hour.into_iter().filter(|b| b.minute() >= since_minute).map(Into::into));
+        }
+        Ok(out)
     }
 
     fn prune_history(&self, device: &str, before_minute: u32) -> Result<usize> {
-        let prefix = device_prefix(device);
-        let mut end = prefix.clone();
-        end.extend_from_slice(&before_minute.to_be_bytes());
+        let start = history_key(device, 0);
+        let end = history_key(device, before_minute / 60);
         let mut n = 0;
-        for kv in self.history.range(prefix..end) {
+        for kv in self.history.range(start..end) {
             let (k, _) = kv.map_err(db_err)?;
             self.history.remove(k).map_err(db_err)?;
             n += 1;
@@ -408,7 +433,17 @@ mod tests {
         assert_eq!(s.events(Some("a"), 0, 10).unwrap().len(), 1);
         assert_eq!(s.events(Some("a"), 6, 10).unwrap().len(), 0);
         assert_eq!(s.prune_events(6).unwrap(), 1);
+        // History: minutes of one hour share a key; reads filter by minute.
+        let h = pulsebell_proto::Health { cpu_permille: 500, ..Default::default() };
+        let bucket = |m: u32| ("a".to_string(), crate::history::Accumulator::new(m, &h).bucket());
+        s.put_history(&[bucket(600), bucket(601), bucket(659), bucket(660), bucket(601)]).unwrap();
+        let got: Vec<u32> = s.history("a", 601).unwrap().iter().map(|b| b.minute).collect();
+        assert_eq!(got, [601, 659, 660]);
+        assert_eq!(s.history("a", 0).unwrap()[0].cpu.avg, 50.0);
+        assert_eq!(s.prune_history("a", 660).unwrap(), 1, "the hour 600..659 goes");
+        assert_eq!(s.history("a", 0).unwrap().len(), 1);
         assert!(s.delete_device("a").unwrap());
+        assert!(s.history("a", 0).unwrap().is_empty());
         assert!(s.enrolments().unwrap().is_empty());
         assert!(s.bell(12345).unwrap().is_none());
     }
