@@ -127,6 +127,9 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Failed authentications per source address per minute before 429.
     pub auth_failures_per_minute: u32,
+    /// Kernel accept queue of the device listener (capped by
+    /// net.core.somaxconn): room for a reconnect storm's SYNs.
+    pub accept_backlog: u32,
 }
 
 impl Default for Limits {
@@ -138,6 +141,7 @@ impl Default for Limits {
             max_message_size: pulsebell_proto::MAX_FRAME,
             outbound_queue: 256,
             auth_failures_per_minute: 60,
+            accept_backlog: 4096,
         }
     }
 }

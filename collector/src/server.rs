@@ -77,8 +77,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let fleet = Fleet::load(config.clone(), store.clone())?;
     let bells = Bells::load(fleet.clone(), config.bell_ttl)?;
 
-    let device_listener = TcpListener::bind(config.listen)
-        .await
+    let device_listener = bind_devices(config.listen, config.limits.accept_backlog)
         .with_context(|| format!("cannot listen for devices on {}", config.listen))?;
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
@@ -163,6 +162,16 @@ impl Server {
         signal.await;
         self.shutdown().await
     }
+}
+
+/// The device listener, with a deep accept queue: a reconnect storm
+/// arrives as thousands of SYNs at once, and tokio's default backlog (128)
+/// would drop most of them.
+fn bind_devices(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Writes device state back every `period`, until shutdown.

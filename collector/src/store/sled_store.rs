@@ -33,6 +33,7 @@ pub struct SledStore {
     events: Tree,
     history: Tree,
     outbox: Tree,
+    meta: Tree,
     instance: String,
 }
 
@@ -103,6 +104,7 @@ impl SledStore {
             events: tree("events")?,
             history: tree("history")?,
             outbox: tree("outbox")?,
+            meta,
             instance,
             db,
         })
@@ -165,9 +167,19 @@ impl Store for SledStore {
     }
 
     fn next_bell_id(&self) -> Result<u64> {
-        // sled's generate_id is monotonic across restarts (it persists
-        // ahead), and starts at 0; bell ids start at 1.
-        self.db.generate_id().map(|id| id + 1).map_err(db_err)
+        // A counter of its own so bell ids read 1, 2, 3… It reaches disk
+        // with the bell that uses it (put_bells flushes); a crash before
+        // that can only reuse an id that was never returned.
+        let next = self
+            .meta
+            .update_and_fetch("bell_seq", |old| {
+                let n = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(db_err)?
+            .ok_or_else(|| db_err("bell counter missing"))?;
+        let bytes: [u8; 8] = next.as_ref().try_into().map_err(|_| db_err("bell counter corrupt"))?;
+        Ok(u64::from_be_bytes(bytes))
     }
 
     fn put_bells(&self, bells: &[BellRecord]) -> Result<()> {
