@@ -100,14 +100,23 @@ impl Agent {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         // Only a change of failure kind is logged at warn; repeats go to debug.
         let mut last_failure: Option<&'static str> = None;
+        let mut last_close: Option<(u16, String)> = None;
         loop {
             match self.dialer.connect().await {
                 Ok(ws) => {
-                    info!(collector = %self.config.collector.url, "connected");
+                    if last_close.is_none() {
+                        info!(collector = %self.config.collector.url, "connected");
+                    } else {
+                        debug!(collector = %self.config.collector.url, "connected");
+                    }
                     last_failure = None;
                     let started = Instant::now();
                     let end = self.session(ws).await;
+                    // A collector that refuses us the same way on every
+                    // attempt (version mismatch, policy) is logged once.
+                    let repeat = matches!(&end, SessionEnd::Closed(Some(c)) if last_close.as_ref() == Some(c));
                     match &end {
+                        _ if repeat => debug!(?end, "collector closed the connection again"),
                         SessionEnd::Closed(Some((code, reason))) if *code == close::GOING_AWAY => {
                             info!(code, %reason, "collector is going away; reconnecting")
                         }
@@ -120,6 +129,10 @@ impl Agent {
                         }
                         SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
                     }
+                    last_close = match end {
+                        SessionEnd::Closed(Some(c)) => Some(c),
+                        _ => None,
+                    };
                     if started.elapsed() >= STABLE_AFTER {
                         backoff.reset();
                     }
