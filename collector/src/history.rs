@@ -244,7 +244,7 @@ pub fn sparkline(values: &[Option<f64>], width: usize) -> String {
         .iter()
         .map(|c| match c {
             None => ' ',
-            Some(_) if hi - lo < f64::EPSILON => BARS[3],
+            Some(_) if (hi - lo).abs() < f64::EPSILON => BARS[3],
             Some(v) => BARS[(((v - lo) / (hi - lo)) * 7.0).round() as usize],
         })
         .collect()
