@@ -44,6 +44,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.interval,
         pulse_tx,
     ));
+    let watchdog = tokio::spawn(watchdog_loop(pulse_rx.clone(), config.interval));
     notify_ready();
     let mut agent = Agent { config, dialer, facts, pulse_rx, executor };
     tokio::pin!(shutdown);
@@ -52,6 +53,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         () = &mut shutdown => info!("shutting down"),
     }
     sampler.abort();
+    watchdog.abort();
     agent.executor.shutdown().await;
     Ok(())
 }
@@ -68,7 +70,6 @@ async fn sample_loop(mut sampler: Sampler, interval: Duration, tx: watch::Sender
         ticker.tick().await;
         seq = seq.wrapping_add(1).max(1);
         let health = sampler.sample();
-        notify_watchdog();
         if tx.send(Some(Pulse { seq, health })).is_err() {
             return;
         }
@@ -253,8 +254,30 @@ fn notify_ready() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 }
 
-/// Pets systemd's watchdog. Called from the sampling loop: if that loop
-/// stalls, the pings stop and systemd restarts the agent.
-fn notify_watchdog() {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+/// Pets systemd's watchdog (`WatchdogSec=`) every half watchdog period,
+/// but only while the sampling loop is healthy: a new pulse within the last
+/// two intervals (or one watchdog period, if longer). If sampling stalls,
+/// the pings stop and systemd restarts the agent. Without a watchdog
+/// (`WATCHDOG_USEC` unset) this returns at once.
+async fn watchdog_loop(mut pulses: watch::Receiver<Option<Pulse>>, interval: Duration) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = Duration::from_micros(usec);
+    let allowed = (interval * 2).max(period);
+    let mut last_progress = Instant::now();
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        if pulses.has_changed().unwrap_or(false) {
+            pulses.mark_unchanged();
+            last_progress = Instant::now();
+        }
+        if last_progress.elapsed() <= allowed {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            warn!("sampling has stalled; no longer petting the systemd watchdog");
+        }
+    }
 }
