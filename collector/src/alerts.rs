@@ -198,12 +198,13 @@ impl Alerts {
             entry.pending = still;
             entry.attempts += 1;
             entry.last_error = error;
+            // Retry after 1 s, 2 s, 4 s … (attempts counts the one just made).
             let store = self.store.clone();
             if entry.pending.is_empty() {
                 let id = entry.alert.id;
                 let _ = tokio::task::spawn_blocking(move || store.remove_outbox(id)).await;
             } else {
-                let backoff = Duration::from_secs(1u64 << entry.attempts.min(9)).min(MAX_BACKOFF);
+                let backoff = Duration::from_secs(1u64 << (entry.attempts - 1).min(9)).min(MAX_BACKOFF);
                 let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1);
                 entry.next_attempt_ms = now_ms() + backoff.as_millis() as u64 + jitter;
                 next = Some(next.map_or(entry.next_attempt_ms, |n| n.min(entry.next_attempt_ms)));

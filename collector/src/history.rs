@@ -151,7 +151,9 @@ impl Running {
         self.sum += v;
     }
     fn agg(&self, n: u32) -> Agg {
-        Agg { min: self.min, avg: self.sum / f64::from(n.max(1)), max: self.max }
+        // Rounding can put the mean of equal samples a hair outside them.
+        let avg = (self.sum / f64::from(n.max(1))).clamp(self.min, self.max);
+        Agg { min: self.min, avg, max: self.max }
     }
 }
 

@@ -22,6 +22,7 @@ pub const COOKIE: &str = "pulsebell_admin";
 const PAGE: &str = include_str!("dashboard.html");
 
 const LOGIN: &str = r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Pulsebell · sign in</title>
+<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns=%22http://www.w3.org/2000/svg%22 viewBox=%220 0 100 100%22%3E%3Ctext y=%22.9em%22 font-size=%2290%22%3E%F0%9F%94%94%3C/text%3E%3C/svg%3E">
 <style>body{margin:0;font:14px system-ui,sans-serif;background:#0f1419;color:#e6e9ed}
 form{max-width:380px;margin:80px auto;background:#171d24;padding:24px;border-radius:8px;border:1px solid #2a323c}
 input{width:100%;box-sizing:border-box;margin:8px 0 12px;padding:7px;background:#0f1419;color:#e6e9ed;border:1px solid #2a323c;border-radius:4px}
