@@ -1082,3 +1082,64 @@ pub mod raw {
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
     }
 }
+
+/// A TCP forwarder with a stable port in front of a collector's device
+/// port, so an agent keeps one `collector_url` across collector restarts
+/// (which change ports). TLS passes through untouched. While it has no
+/// target, new connections wait (up to `hold`) for one.
+pub struct Forwarder {
+    port: u16,
+    target: Arc<Mutex<Option<String>>>,
+}
+
+impl Forwarder {
+    /// Forwards to `target` (`host:port`); connections wait up to `hold`
+    /// while there is no target.
+    pub fn start(target: &str, hold: Duration) -> Forwarder {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
+        let port = listener.local_addr().expect("forwarder address").port();
+        let target = Arc::new(Mutex::new(Some(target.to_string())));
+        let shared = Arc::clone(&target);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || Forwarder::pipe(client, &shared, hold));
+            }
+        });
+        Forwarder { port, target }
+    }
+
+    fn pipe(client: std::net::TcpStream, target: &Mutex<Option<String>>, hold: Duration) {
+        use std::net::{Shutdown, TcpStream};
+        let deadline = Instant::now() + hold;
+        let server = loop {
+            let addr = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(server) = addr.and_then(|a| TcpStream::connect(a).ok()) {
+                break server;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else { return };
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut client_r, &mut server_w);
+            let _ = server_w.shutdown(Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut &server, &mut &client);
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = server.shutdown(Shutdown::Both);
+        let _ = up.join();
+    }
+
+    /// Where new connections go; `None` holds them.
+    pub fn set_target(&self, target: Option<&str>) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target.map(str::to_owned);
+    }
+
+    /// `wss://localhost:PORT/v1/ws` through the forwarder.
+    pub fn url(&self) -> String {
+        format!("wss://localhost:{}{}", self.port, pulsebell_proto::WS_PATH)
+    }
+}

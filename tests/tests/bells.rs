@@ -7,15 +7,12 @@
 //! --json`, a log line, a file) with [`wait_until`]; never by a fixed sleep.
 
 use std::fs;
-use std::io;
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pulsebell_tests::serde_json::{self, Value};
-use pulsebell_tests::{describe, toml_str, wait_until, Agent, AgentOpts, Collector, STATE_TIMEOUT};
+use pulsebell_tests::{describe, toml_str, wait_until, Agent, AgentOpts, Collector, Forwarder, STATE_TIMEOUT};
 use rustix::process::{kill_process, Pid, Signal};
 use tempfile::TempDir;
 
@@ -235,67 +232,6 @@ fn started_bells(agent: &Agent) -> Vec<u64> {
         .collect()
 }
 
-/// A TCP forwarder in front of a collector's device port, so an agent
-/// keeps one `collector_url` across collector restarts (which change
-/// ports). TLS passes through untouched. While it has no target, new
-/// connections are held (up to [`Proxy::HOLD`]) until one is set.
-struct Proxy {
-    port: u16,
-    target: Arc<Mutex<Option<String>>>,
-}
-
-impl Proxy {
-    const HOLD: Duration = Duration::from_secs(10);
-
-    fn start(target: &str) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let target = Arc::new(Mutex::new(Some(target.to_string())));
-        let shared = Arc::clone(&target);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let shared = Arc::clone(&shared);
-                std::thread::spawn(move || Proxy::forward(client, &shared));
-            }
-        });
-        Proxy { port, target }
-    }
-
-    fn forward(client: TcpStream, target: &Mutex<Option<String>>) {
-        let deadline = Instant::now() + Proxy::HOLD;
-        let server = loop {
-            let addr = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(server) = addr.and_then(|a| TcpStream::connect(a).ok()) {
-                break server;
-            }
-            if Instant::now() >= deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else { return };
-        let up = std::thread::spawn(move || {
-            let _ = io::copy(&mut client_r, &mut server_w);
-            let _ = server_w.shutdown(Shutdown::Write);
-        });
-        let (mut server_r, mut client_w) = (&server, &client);
-        let _ = io::copy(&mut server_r, &mut client_w);
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = server.shutdown(Shutdown::Both);
-        let _ = up.join();
-    }
-
-    /// Where new connections go; `None` holds them.
-    fn set_target(&self, target: Option<&str>) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target.map(str::to_owned);
-    }
-
-    /// `wss://localhost:PORT/v1/ws` through the proxy.
-    fn url(&self) -> String {
-        format!("wss://localhost:{}{}", self.port, pulsebell_proto::WS_PATH)
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Tests
 
@@ -418,7 +354,7 @@ fn queued_bell_survives_collector_sigkill_and_is_delivered_later() {
 fn redelivered_bell_is_answered_from_the_journal_not_run_twice() {
     let tmp = tempdir();
     let mut collector = Collector::start(tmp.path());
-    let proxy = Proxy::start(collector.device_addr());
+    let proxy = Forwarder::start(collector.device_addr(), Duration::from_secs(10));
     let id = "pi-once";
     let token = collector.enroll(id);
     let count = tmp.path().join("count");

@@ -14,14 +14,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pulsebell_tests::serde_json::{self, Value};
-use pulsebell_tests::{describe, find_device, parse_time, toml_str, wait_until, Agent, AgentOpts, Collector};
+use pulsebell_tests::{
+    describe, find_device, parse_time, toml_str, wait_until, Agent, AgentOpts, Collector, Forwarder,
+};
 use tempfile::TempDir;
 
 /// How long a bell may take to reach a final state after reconnecting.
@@ -36,63 +35,6 @@ const FINAL: &[&str] = &["succeeded", "failed", "timed_out", "rejected", "cancel
 
 fn tempdir() -> TempDir {
     tempfile::Builder::new().prefix("pulsebell-crash-").tempdir().expect("create temp dir")
-}
-
-/// A TCP forwarder with a stable port in front of the collector's device
-/// port. While it has no target, new connections wait (up to
-/// [`Forwarder::HOLD`]) for one.
-struct Forwarder {
-    port: u16,
-    target: Arc<Mutex<Option<String>>>,
-}
-
-impl Forwarder {
-    const HOLD: Duration = Duration::from_secs(60);
-
-    fn start(target: &str) -> Forwarder {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind forwarder");
-        let port = listener.local_addr().expect("forwarder address").port();
-        let target = Arc::new(Mutex::new(Some(target.to_string())));
-        let shared = Arc::clone(&target);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let shared = Arc::clone(&shared);
-                std::thread::spawn(move || Forwarder::pipe(client, &shared));
-            }
-        });
-        Forwarder { port, target }
-    }
-
-    fn pipe(client: TcpStream, target: &Mutex<Option<String>>) {
-        let deadline = Instant::now() + Forwarder::HOLD;
-        let server = loop {
-            let addr = target.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(server) = addr.and_then(|a| TcpStream::connect(a).ok()) {
-                break server;
-            }
-            if Instant::now() >= deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone()) else { return };
-        let up = std::thread::spawn(move || {
-            let _ = io::copy(&mut client_r, &mut server_w);
-            let _ = server_w.shutdown(Shutdown::Write);
-        });
-        let _ = io::copy(&mut &server, &mut &client);
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = server.shutdown(Shutdown::Both);
-        let _ = up.join();
-    }
-
-    fn set_target(&self, target: Option<&str>) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target.map(str::to_owned);
-    }
-
-    fn url(&self) -> String {
-        format!("wss://localhost:{}{}", self.port, pulsebell_proto::WS_PATH)
-    }
 }
 
 /// An agent config with the `slow` action: it appends its `n` parameter to
@@ -141,7 +83,7 @@ fn kill9_with_pulses_and_bells_in_flight_loses_nothing_and_runs_nothing_twice() 
     let tmp = tempdir();
     let mut collector =
         Collector::start_with_config(tmp.path(), &format!("write_back = \"{}ms\"\n", WRITE_BACK.as_millis()));
-    let forwarder = Forwarder::start(collector.device_addr());
+    let forwarder = Forwarder::start(collector.device_addr(), Duration::from_secs(60));
     let online = ["crash-1", "crash-2", "crash-3"];
     let offline = "crash-offline";
     let mut tokens = BTreeMap::new();
