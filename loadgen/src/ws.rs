@@ -99,7 +99,11 @@ async fn session(shared: &Shared, idx: usize, id: &str, mut ws: WsStream, seq: &
     if !send(&mut ws, hello).await {
         return true;
     }
-    let lost = if shared.interval.is_zero() { flood(shared, &mut ws, seq).await } else { steady(shared, &mut ws, seq, stop).await };
+    let lost = if shared.interval.is_zero() {
+        flood(shared, &mut ws, seq).await
+    } else {
+        steady(shared, &mut ws, seq, stop).await
+    };
     if !lost {
         let frame = CloseFrame { code: CloseCode::Normal, reason: "load generator done".into() };
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
