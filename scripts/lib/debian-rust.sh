@@ -93,7 +93,7 @@ setup_debian_rust_armhf() {
         added=1
     fi
     if ! apt_update 2>"$CROSS_TARGET_DIR/armhf-apt.err"; then
-        reason="apt-get update failed for armhf: $(grep -m1 '^E:' "$CROSS_TARGET_DIR/armhf-apt.err" | cut -c1-160)"
+        reason="apt-get update failed for armhf ($(grep -m1 '^E:' "$CROSS_TARGET_DIR/armhf-apt.err" | sed 's/^E: //; s/ Mirror sync.*//; s/  */ /g'))"
     fi
     local cand
     cand=$(candidate_version libstd-rust-web-dev:armhf)
