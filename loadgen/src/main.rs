@@ -203,7 +203,7 @@ struct Mark {
 }
 
 /// One second of the run: (seconds since start, connected, pulses sent/s, accepted/s).
-type Second = (u64, i64, u64, Option<u64>);
+type Second = (f64, i64, u64, Option<u64>);
 
 struct Live {
     shared: Arc<Shared>,
@@ -222,11 +222,31 @@ struct Live {
 
 impl Live {
     async fn run(self: Arc<Self>) {
+        // The collector's counters are read by a task of their own, so a slow
+        // or unreachable admin API never stalls the outage sampling.
+        let rates: Arc<Mutex<Option<f64>>> = Arc::new(Mutex::new(None));
+        if !self.stats_every.is_zero() {
+            let (meter, rates, every) = (self.meter.clone(), rates.clone(), self.stats_every);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last: Option<(u64, Instant)> = None;
+                loop {
+                    tick.tick().await;
+                    let now = meter.poll().await.map(|(accepted, _)| (accepted, Instant::now()));
+                    *rates.lock().expect("rates") = match (last, now) {
+                        (Some((a0, t0)), Some((a1, t1))) => {
+                            Some(a1.saturating_sub(a0) as f64 / t1.duration_since(t0).as_secs_f64().max(0.001))
+                        }
+                        _ => None,
+                    };
+                    last = now;
+                }
+            });
+        }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut n = 0u64;
-        let mut last_sent = 0u64;
-        let mut last_accepted: Option<u64> = None;
-        let mut last_stats = Instant::now();
+        let mut last_line = (0u64, Instant::now());
         loop {
             tick.tick().await;
             n += 1;
@@ -249,24 +269,15 @@ impl Live {
                 continue;
             }
             let sent = self.shared.sent.load(Ordering::Relaxed);
-            let mut accepted_rate = None;
-            if !self.stats_every.is_zero() && last_stats.elapsed() + Duration::from_millis(50) >= self.stats_every {
-                last_stats = Instant::now();
-                if let Some((accepted, _)) = self.meter.poll().await {
-                    let secs = self.stats_every.as_secs_f64().max(1.0);
-                    accepted_rate = last_accepted.map(|l| ((accepted.saturating_sub(l)) as f64 / secs) as u64);
-                    last_accepted = Some(accepted);
-                } else {
-                    last_accepted = None;
-                }
-            }
-            let t = self.started.elapsed().as_secs();
-            let sent_rate = sent - last_sent;
-            last_sent = sent;
+            let secs = last_line.1.elapsed().as_secs_f64().max(0.001);
+            let sent_rate = ((sent - last_line.0) as f64 / secs).round() as u64;
+            last_line = (sent, Instant::now());
+            let accepted_rate = rates.lock().expect("rates").map(|r| r.round() as u64);
+            let t = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
             self.timeline.lock().expect("timeline").push((t, connected, sent_rate, accepted_rate));
             let failures: u64 = self.shared.failures.lock().expect("failures").values().sum();
             eprintln!(
-                "[{t:>4}s] connected {connected:>6}/{}  sent {sent_rate:>7}/s  accepted {:>7}/s  failures {failures}",
+                "[{t:>6.1}s] connected {connected:>6}/{}  sent {sent_rate:>7}/s  accepted {:>7}/s  failures {failures}",
                 self.devices,
                 accepted_rate.map_or("-".to_string(), |r| r.to_string()),
             );
