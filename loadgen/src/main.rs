@@ -265,7 +265,7 @@ impl Live {
                     _ => {}
                 }
             }
-            if n % 10 != 0 {
+            if !n.is_multiple_of(10) {
                 continue;
             }
             let sent = self.shared.sent.load(Ordering::Relaxed);
