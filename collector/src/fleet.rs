@@ -572,6 +572,14 @@ impl Fleet {
         self.len() == 0
     }
 
+    /// Enrolled devices and how many of them are online, without building
+    /// a view of each (the stats endpoint is polled at fleet scale).
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state.lock().expect("fleet lock");
+        let online = state.devices.values().filter(|d| d.record.online && d.conn.is_some()).count();
+        (state.devices.len(), online)
+    }
+
     /// Views of every device, sorted by id.
     pub fn views(&self) -> Vec<DeviceView> {
         let now = now_ms();

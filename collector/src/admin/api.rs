@@ -216,11 +216,10 @@ pub async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let s = &state.fleet.stats;
     let failures: BTreeMap<String, u64> =
         s.handshake_failures.lock().expect("stats lock").iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    let views = state.fleet.views();
-    let online = views.iter().filter(|v| v.state == "online").count();
+    let (devices, online) = state.fleet.counts();
     Json(serde_json::json!({
         "time_ms": now_ms(),
-        "devices": views.len(),
+        "devices": devices,
         "online": online,
         "connections": s.connections.load(Ordering::Relaxed),
         "pulses_accepted": s.pulses_accepted.load(Ordering::Relaxed),
