@@ -31,6 +31,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use serde_json::Value;
 
 pub use serde_json;
+pub mod nats;
 
 /// How long a collector may take to log `collector ready`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
