@@ -34,6 +34,8 @@ pub const DEFAULT_PARAM_REGEX: &str = r"^[A-Za-z0-9._:/@+=-]{1,256}$";
 pub mod keys {
     /// `collector_url`
     pub const COLLECTOR_URL: &str = "collector_url";
+    /// `collector_urls`: several collectors, tried in turn (cluster mode).
+    pub const COLLECTOR_URLS: &str = "collector_urls";
     /// `device_id`
     pub const DEVICE_ID: &str = "device_id";
     /// `token_file`
@@ -84,7 +86,8 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    collector_url: String,
+    collector_url: Option<String>,
+    collector_urls: Option<Vec<String>>,
     device_id: String,
     token_file: Option<PathBuf>,
     token: Option<String>,
@@ -137,7 +140,8 @@ fn de_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
         .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"5s\" or \"1m\"")))
 }
 
-/// Where the device connects: parsed from `collector_url`.
+/// Where the device connects: parsed from `collector_url` or one entry of
+/// `collector_urls`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollectorUrl {
     /// The URL as written.
@@ -166,8 +170,9 @@ pub struct Action {
 /// The validated agent config.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where to connect.
-    pub collector: CollectorUrl,
+    /// Where to connect: `collector_url`, or every entry of `collector_urls`
+    /// in the order written. Never empty, no duplicates.
+    pub collectors: Vec<CollectorUrl>,
     /// This device's id.
     pub device_id: String,
     /// Where the token comes from.
@@ -233,7 +238,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
-        let collector = parse_url(&raw.collector_url)?;
+        let collectors = collectors(raw.collector_url, raw.collector_urls)?;
         if !pulsebell_proto::valid_device_id(&raw.device_id) {
             return Err(ConfigError::new(
                 keys::DEVICE_ID,
@@ -281,7 +286,7 @@ impl Config {
             actions.insert(name, action);
         }
         Ok(Config {
-            collector,
+            collectors,
             device_id: raw.device_id,
             token_source,
             ca_file: raw.ca_file,
@@ -319,8 +324,47 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-fn parse_url(url: &str) -> Result<CollectorUrl, ConfigError> {
-    let err = |m: &str| ConfigError::new(keys::COLLECTOR_URL, format!("`{url}`: {m}"));
+/// The collectors from `collector_url` or `collector_urls` (exactly one of
+/// them must be set).
+fn collectors(single: Option<String>, list: Option<Vec<String>>) -> Result<Vec<CollectorUrl>, ConfigError> {
+    let list = match (single, list) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                keys::COLLECTOR_URLS,
+                format!("set either `{}` or `{}`, not both", keys::COLLECTOR_URL, keys::COLLECTOR_URLS),
+            ))
+        }
+        (Some(url), None) => return Ok(vec![parse_url(keys::COLLECTOR_URL, &url)?]),
+        (None, Some(list)) => list,
+        (None, None) => {
+            return Err(ConfigError::new(
+                keys::COLLECTOR_URL,
+                format!(
+                    "missing: set `{}` (or `{}` for several collectors)",
+                    keys::COLLECTOR_URL,
+                    keys::COLLECTOR_URLS
+                ),
+            ))
+        }
+    };
+    if list.is_empty() {
+        return Err(ConfigError::new(keys::COLLECTOR_URLS, "is empty: list at least one `wss://` URL"));
+    }
+    let mut collectors: Vec<CollectorUrl> = Vec::with_capacity(list.len());
+    for (i, url) in list.iter().enumerate() {
+        let key = format!("{}[{i}]", keys::COLLECTOR_URLS);
+        let parsed = parse_url(&key, url)?;
+        if let Some(first) = collectors.iter().position(|c| c.url == parsed.url) {
+            return Err(ConfigError::new(key, format!("`{url}` is already listed at [{first}]")));
+        }
+        collectors.push(parsed);
+    }
+    Ok(collectors)
+}
+
+/// Parses one collector URL; errors name `key`.
+fn parse_url(key: &str, url: &str) -> Result<CollectorUrl, ConfigError> {
+    let err = |m: &str| ConfigError::new(key, format!("`{url}`: {m}"));
     let uri: http_uri::Uri = url.parse().map_err(|e| err(&format!("not a URL ({e})")))?;
     match uri.scheme_str() {
         Some("wss") => {}
@@ -407,8 +451,10 @@ token = "abc"
     #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MINIMAL).unwrap();
-        assert_eq!(c.collector.host, "collector.example");
-        assert_eq!(c.collector.port, 8443);
+        assert_eq!(c.collectors.len(), 1);
+        assert_eq!(c.collectors[0].url, "wss://collector.example:8443/v1/ws");
+        assert_eq!(c.collectors[0].host, "collector.example");
+        assert_eq!(c.collectors[0].port, 8443);
         assert_eq!(c.interval, DEFAULT_INTERVAL);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.lock_file, PathBuf::from(DEFAULT_STATE_DIR).join("maintenance.lock"));
@@ -449,6 +495,86 @@ token = "abc"
         let e = err("collector_url = [");
         assert_eq!(e.key, "");
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    /// [`MINIMAL`] without its `collector_url`, plus `extra`.
+    fn without_url(extra: &str) -> String {
+        format!("{}{extra}\n", MINIMAL.replace("collector_url = \"wss://collector.example:8443/v1/ws\"\n", ""))
+    }
+
+    #[test]
+    fn collector_urls_lists_several_collectors_in_order() {
+        let c = Config::parse(&without_url(
+            r#"collector_urls = ["wss://a.example:8443/v1/ws", "wss://b.example/v1/ws", "wss://[::1]:9443/v1/ws"]"#,
+        ))
+        .unwrap();
+        let got: Vec<(&str, u16)> = c.collectors.iter().map(|u| (u.host.as_str(), u.port)).collect();
+        assert_eq!(got, [("a.example", 8443), ("b.example", 443), ("::1", 9443)]);
+        assert_eq!(c.collectors[1].url, "wss://b.example/v1/ws");
+
+        let one = Config::parse(&without_url(r#"collector_urls = ["wss://a.example:8443/v1/ws"]"#)).unwrap();
+        assert_eq!(one.collectors.len(), 1);
+    }
+
+    #[test]
+    fn default_config_collector_urls_example_parses_once_uncommented() {
+        let mut text = String::new();
+        for line in DEFAULT_CONFIG.lines() {
+            if line.starts_with("collector_url =") {
+                continue;
+            }
+            let uncommented = ["# collector_urls", "#     \"wss://", "# ]"]
+                .iter()
+                .any(|p| line.starts_with(p))
+                .then(|| line.trim_start_matches("# ").trim_start_matches('#'));
+            text.push_str(uncommented.unwrap_or(line));
+            text.push('\n');
+        }
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.collectors.len(), 2, "{text}");
+    }
+
+    #[test]
+    fn collector_url_and_collector_urls_together_are_refused() {
+        let e = err(&format!("{MINIMAL}collector_urls = [\"wss://b.example/v1/ws\"]\n"));
+        assert_eq!(e.key, keys::COLLECTOR_URLS);
+        assert!(e.message.contains("`collector_url`") && e.message.contains("`collector_urls`"), "{e}");
+    }
+
+    #[test]
+    fn neither_collector_key_is_refused() {
+        let e = err(&without_url(""));
+        assert_eq!(e.key, keys::COLLECTOR_URL);
+        assert!(e.message.contains("missing") && e.message.contains("`collector_urls`"), "{e}");
+    }
+
+    #[test]
+    fn empty_collector_urls_is_refused() {
+        let e = err(&without_url("collector_urls = []"));
+        assert_eq!(e.key, keys::COLLECTOR_URLS);
+        assert!(e.message.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_entry_in_collector_urls_is_named_by_its_index() {
+        let e = err(&without_url(r#"collector_urls = ["wss://a.example/v1/ws", "ws://b.example/v1/ws"]"#));
+        assert_eq!(e.key, "collector_urls[1]");
+        assert!(e.message.contains("ws://b.example") && e.message.contains("wss://"), "{e}");
+        assert!(e.to_string().contains("`collector_urls[1]`"), "{e}");
+
+        let e = err(&without_url(r#"collector_urls = ["https://a.example/v1/ws"]"#));
+        assert_eq!(e.key, "collector_urls[0]");
+        let e = err(&without_url(r#"collector_urls = ["wss://a.example/v1/ws", "not a url"]"#));
+        assert_eq!(e.key, "collector_urls[1]");
+        let e = err(&without_url(r#"collector_urls = ["wss://a.example/v1/ws", "wss://a.example/v1/ws"]"#));
+        assert_eq!(e.key, "collector_urls[1]");
+        assert!(e.message.contains("already listed at [0]"), "{e}");
+
+        // Not a string: serde names the entry the same way.
+        let e = err(&without_url(r#"collector_urls = ["wss://a.example/v1/ws", 8443]"#));
+        assert_eq!(e.key, "collector_urls[1]");
+        let e = err(&without_url(r#"collector_urls = "wss://a.example/v1/ws""#));
+        assert_eq!(e.key, "collector_urls");
     }
 
     #[test]

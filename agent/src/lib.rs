@@ -4,7 +4,8 @@
 //! - [`config`]: the TOML config, its defaults and validation.
 //! - [`health`]: one health sample from procfs/sysfs (one file per source).
 //! - [`uplink`]: the TLS WebSocket connection to the collector; reconnect
-//!   backoff as pure state in `uplink/backoff.rs`.
+//!   backoff (`uplink/backoff.rs`) and which collector next
+//!   (`uplink/endpoints.rs`) as pure state.
 //! - [`actions`]: the allowlist, running a bell's action, timeouts, output.
 //! - [`journal`]: the on-disk record that makes bells run exactly once.
 //! - [`run`]: the daemon's main loop tying them together.

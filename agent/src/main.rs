@@ -60,11 +60,15 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
+                let urls: Vec<&str> = c.collectors.iter().map(|u| u.url.as_str()).collect();
+                let collectors = match urls.as_slice() {
+                    [one] => format!("collector {one}"),
+                    many => format!("{} collectors [{}]", many.len(), many.join(", ")),
+                };
                 println!(
-                    "{}: ok (device `{}`, collector {}, interval {}, {} action(s))",
+                    "{}: ok (device `{}`, {collectors}, interval {}, {} action(s))",
                     config.display(),
                     c.device_id,
-                    c.collector.url,
                     humantime::format_duration(c.interval),
                     c.actions.len()
                 );

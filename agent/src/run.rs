@@ -1,6 +1,11 @@
 //! The daemon: sample health every interval, keep one connection to the
 //! collector, send each sample as a pulse, answer bells.
 //!
+//! With several collectors (`collector_urls`) the agent is connected to one
+//! of them at a time: it starts at a random one and, after a failed attempt
+//! or a dropped session, moves on to the next (round robin), waiting the
+//! usual backoff in between.
+//!
 //! Sampling runs on its own timer whether or not the collector is reachable,
 //! so CPU and network rates stay meaningful and sequence numbers keep
 //! counting: pulses taken while disconnected are dropped, and the collector
@@ -18,12 +23,13 @@ use tokio_tungstenite::tungstenite::{
     protocol::{frame::coding::CloseCode, CloseFrame},
     Message,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::actions::Executor;
 use crate::config::Config;
 use crate::health::{facts, Sampler, SystemFacts};
 use crate::uplink::backoff::{Backoff, STABLE_AFTER};
+use crate::uplink::endpoints::Endpoints;
 use crate::uplink::{tls, ConnectError, Dialer, WsStream};
 
 /// The agent reconnects when it has heard nothing from the collector (no
@@ -35,7 +41,17 @@ pub const SILENCE_INTERVALS: u32 = 3;
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let token = config.token()?;
     let tls = tls::client_config(config.ca_file.as_deref())?;
-    let dialer = Dialer::new(config.collector.clone(), token, tls);
+    let dialers: Vec<Dialer> =
+        config.collectors.iter().map(|url| Dialer::new(url.clone(), token.clone(), tls.clone())).collect();
+    let dialers = Endpoints::with_random_start(dialers, &mut rand::rng())
+        .ok_or_else(|| anyhow::anyhow!("no collector configured"))?;
+    if dialers.len() > 1 {
+        info!(
+            collectors = dialers.len(),
+            first = %dialers.current().url().url,
+            "several collectors configured; connecting to one at a time, round robin"
+        );
+    }
     let facts = facts(&config.root);
     let executor = Executor::open(&config, facts.boot_id.clone())?;
     let (pulse_tx, pulse_rx) = watch::channel(None);
@@ -46,7 +62,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     let watchdog = tokio::spawn(watchdog_loop(pulse_rx.clone(), config.interval));
     notify_ready();
-    let mut agent = Agent { config, dialer, facts, pulse_rx, executor };
+    let mut agent = Agent { config, dialers, facts, pulse_rx, executor };
     tokio::pin!(shutdown);
     tokio::select! {
         () = agent.connect_loop() => {}
@@ -78,7 +94,8 @@ async fn sample_loop(mut sampler: Sampler, interval: Duration, tx: watch::Sender
 
 struct Agent {
     config: Config,
-    dialer: Dialer,
+    /// One dialer per collector URL; the current one is tried next.
+    dialers: Endpoints<Dialer>,
     facts: SystemFacts,
     pulse_rx: watch::Receiver<Option<Pulse>>,
     executor: Executor,
@@ -95,64 +112,89 @@ enum SessionEnd {
     Error(String),
 }
 
+/// What was last logged about one collector, so that a collector failing
+/// the same way on every attempt is logged once, not on every retry. Kept
+/// per collector: with several, their failures interleave.
+#[derive(Debug, Default)]
+struct Quiet {
+    /// Kind of the last failed connection attempt ([`ConnectError::kind`]).
+    last_failure: Option<&'static str>,
+    /// Close code and reason of the last session, if the collector closed it.
+    last_close: Option<(u16, String)>,
+}
+
 impl Agent {
     async fn connect_loop(&mut self) {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        // Only a change of failure kind is logged at warn; repeats go to debug.
-        let mut last_failure: Option<&'static str> = None;
-        let mut last_close: Option<(u16, String)> = None;
+        let mut quiet: Vec<Quiet> = (0..self.dialers.len()).map(|_| Quiet::default()).collect();
         loop {
-            match self.dialer.connect().await {
-                Ok(ws) => {
-                    if last_close.is_none() {
-                        info!(collector = %self.config.collector.url, "connected");
-                    } else {
-                        debug!(collector = %self.config.collector.url, "connected");
-                    }
-                    last_failure = None;
-                    let started = Instant::now();
-                    let end = self.session(ws).await;
-                    // A collector that refuses us the same way on every
-                    // attempt (version mismatch, policy) is logged once.
-                    let repeat = matches!(&end, SessionEnd::Closed(Some(c)) if last_close.as_ref() == Some(c));
-                    match &end {
-                        _ if repeat => debug!(?end, "collector closed the connection again"),
-                        SessionEnd::Closed(Some((code, reason))) if *code == close::GOING_AWAY => {
-                            info!(code, %reason, "collector is going away; reconnecting")
-                        }
-                        SessionEnd::Closed(Some((code, reason))) => {
-                            warn!(code, %reason, "collector closed the connection")
-                        }
-                        SessionEnd::Closed(None) => warn!("collector closed the connection"),
-                        SessionEnd::Silent => {
-                            warn!("nothing heard from the collector for {} intervals; reconnecting", SILENCE_INTERVALS)
-                        }
-                        SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
-                    }
-                    last_close = match end {
-                        SessionEnd::Closed(Some(c)) => Some(c),
-                        _ => None,
-                    };
-                    if started.elapsed() >= STABLE_AFTER {
-                        backoff.reset();
-                    }
-                }
-                Err(e) => {
-                    if last_failure != Some(e.kind()) {
-                        match &e {
-                            ConnectError::Unauthorized | ConnectError::Tls { .. } => error!("{e}"),
-                            _ => warn!("{e}"),
-                        }
-                        last_failure = Some(e.kind());
-                    } else {
-                        debug!("{e}");
-                    }
-                }
+            let span = info_span!("uplink", collector = %self.dialers.current().url().url);
+            let quiet = &mut quiet[self.dialers.index()];
+            if self.attempt(quiet).instrument(span).await {
+                backoff.reset();
             }
+            self.dialers.advance();
             let delay = backoff.next_delay(&mut rng);
-            debug!(?delay, "reconnecting after backoff");
+            debug!(?delay, next = %self.dialers.current().url().url, "reconnecting after backoff");
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One connection attempt to the current collector and, if it succeeds,
+    /// the session until it ends. True if the session was stable (lasted
+    /// [`STABLE_AFTER`]), which resets the backoff.
+    async fn attempt(&mut self, quiet: &mut Quiet) -> bool {
+        debug!("connecting");
+        // Bound first: the dialer borrows `self`, the session needs it mutably.
+        let connected = self.dialers.current().connect().await;
+        let Quiet { last_failure, last_close } = quiet;
+        match connected {
+            Ok(ws) => {
+                if last_close.is_none() {
+                    info!("connected");
+                } else {
+                    debug!("connected");
+                }
+                *last_failure = None;
+                let started = Instant::now();
+                let end = self.session(ws).await;
+                // A collector that refuses us the same way on every
+                // attempt (version mismatch, policy) is logged once.
+                let repeat = matches!(&end, SessionEnd::Closed(Some(c)) if last_close.as_ref() == Some(c));
+                match &end {
+                    _ if repeat => debug!(?end, "collector closed the connection again"),
+                    SessionEnd::Closed(Some((code, reason))) if *code == close::GOING_AWAY => {
+                        info!(code, %reason, "collector is going away; reconnecting")
+                    }
+                    SessionEnd::Closed(Some((code, reason))) => {
+                        warn!(code, %reason, "collector closed the connection")
+                    }
+                    SessionEnd::Closed(None) => warn!("collector closed the connection"),
+                    SessionEnd::Silent => {
+                        warn!("nothing heard from the collector for {} intervals; reconnecting", SILENCE_INTERVALS)
+                    }
+                    SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
+                }
+                *last_close = match end {
+                    SessionEnd::Closed(Some(c)) => Some(c),
+                    _ => None,
+                };
+                started.elapsed() >= STABLE_AFTER
+            }
+            Err(e) => {
+                // Only a change of failure kind is logged at warn; repeats go to debug.
+                if *last_failure != Some(e.kind()) {
+                    match &e {
+                        ConnectError::Unauthorized | ConnectError::Tls { .. } => error!("{e}"),
+                        _ => warn!("{e}"),
+                    }
+                    *last_failure = Some(e.kind());
+                } else {
+                    debug!("{e}");
+                }
+                false
+            }
         }
     }
 

@@ -43,6 +43,39 @@ fn missing_token_file_is_a_config_error() {
 }
 
 #[test]
+fn check_config_lists_collector_urls_and_refuses_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let rest = "device_id = \"pi-1\"\ntoken = \"t\"\n";
+    std::fs::write(
+        &path,
+        format!("collector_urls = [\"wss://a.example:8443/v1/ws\", \"wss://b.example:8443/v1/ws\"]\n{rest}"),
+    )
+    .unwrap();
+    let out = agent().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 collectors [wss://a.example:8443/v1/ws, wss://b.example:8443/v1/ws]"), "{stdout}");
+
+    std::fs::write(
+        &path,
+        format!("collector_url = \"wss://a.example:8443/v1/ws\"\ncollector_urls = [\"wss://b.example/v1/ws\"]\n{rest}"),
+    )
+    .unwrap();
+    let out = agent().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`collector_url`") && stderr.contains("`collector_urls`"), "{stderr}");
+
+    std::fs::write(&path, format!("collector_urls = [\"wss://a.example/v1/ws\", \"ws://b.example/v1/ws\"]\n{rest}"))
+        .unwrap();
+    let out = agent().args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`collector_urls[1]`"), "{stderr}");
+}
+
+#[test]
 fn default_config_is_printed_and_valid_once_filled_in() {
     let out = agent().arg("print-default-config").output().unwrap();
     assert!(out.status.success());

@@ -2,11 +2,13 @@
 //!
 //! [`Dialer`] opens a connection (TCP → TLS with a verified server
 //! certificate → WebSocket upgrade with the device token and the
-//! `pulsebell.v1` subprotocol). The reconnect policy lives in [`backoff`];
-//! what flows over an open connection is the daemon's business
-//! (`crate::run`).
+//! `pulsebell.v1` subprotocol). The reconnect policy lives in [`backoff`]
+//! (how long to wait) and [`endpoints`] (which collector next, when
+//! `collector_urls` lists several); what flows over an open connection is
+//! the daemon's business (`crate::run`).
 
 pub mod backoff;
+pub mod endpoints;
 pub mod tls;
 
 use std::sync::Arc;
@@ -93,7 +95,8 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_FRAME))
 }
 
-/// Opens connections to one collector with one identity.
+/// Opens connections to one collector with one identity. With several
+/// collectors the daemon keeps one dialer per URL, sharing the TLS config.
 #[derive(Clone)]
 pub struct Dialer {
     url: CollectorUrl,
@@ -107,7 +110,13 @@ impl Dialer {
         Dialer { url, token, tls: TlsConnector::from(tls) }
     }
 
-    /// Opens one connection: TCP, TLS, WebSocket upgrade.
+    /// The collector this dialer connects to.
+    pub fn url(&self) -> &CollectorUrl {
+        &self.url
+    }
+
+    /// Opens one connection: TCP, TLS, WebSocket upgrade. The TLS server
+    /// name is the URL's host.
     pub async fn connect(&self) -> Result<WsStream, ConnectError> {
         self.connect_from(None).await
     }
