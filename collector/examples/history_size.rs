@@ -7,7 +7,8 @@ use pulsebell_collector::history::Accumulator;
 use pulsebell_collector::store::{SledStore, Store};
 use pulsebell_proto::Health;
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let devices: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path(), 64 << 20)?;
@@ -28,13 +29,13 @@ fn main() -> anyhow::Result<()> {
             acc.add(start + m, &h);
             batch.push((id.clone(), acc.bucket()));
             if batch.len() == 1000 {
-                store.put_history(&batch)?;
+                store.put_history(&batch).await?;
                 batch.clear();
             }
         }
-        store.put_history(&batch)?;
+        store.put_history(&batch).await?;
     }
-    store.flush()?;
+    store.flush().await?;
     let bytes = dir_size(dir.path())?;
     println!("| devices | days | buckets/device | bytes on disk | per device |");
     println!("|---:|---:|---:|---:|---:|");

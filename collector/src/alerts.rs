@@ -14,99 +14,61 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
+use crate::clock::{now_ms, rfc3339};
 use crate::config::AlertsConfig;
-use crate::fleet::{now_ms, rfc3339};
-use crate::store::Store;
+use crate::store::{Alert, OutboxEntry, Store};
+
+pub use crate::store::AlertKind;
 
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Time allowed for one delivery attempt.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
-    /// The device went offline.
-    DeviceOffline,
-    /// The device is online again after being offline.
-    DeviceOnline,
-    /// Under-voltage appeared (now).
-    UnderVoltage,
-    /// Frequency capping, throttling or the soft temperature limit appeared (now).
-    Throttled,
-    /// A bell ended failed or timed out.
-    BellFailed,
-}
-
-impl AlertKind {
-    /// The snake_case name (config `events` values).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertKind::DeviceOffline => "device_offline",
-            AlertKind::DeviceOnline => "device_online",
-            AlertKind::UnderVoltage => "under_voltage",
-            AlertKind::Throttled => "throttled",
-            AlertKind::BellFailed => "bell_failed",
-        }
-    }
-}
-
-/// An alert as sent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// Outbox id.
-    pub id: u64,
-    /// Stable across retries and restarts: receivers deduplicate on it.
-    pub idempotency_key: String,
+/// An alert raised by the fleet or the bells, before it has an id and
+/// sinks: [`Alerts::enqueue`] turns it into an outbox entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raised {
     /// What happened.
     pub kind: AlertKind,
     /// Which device.
     pub device: String,
-    /// When, RFC 3339.
-    pub at: String,
     /// Human summary.
     pub summary: String,
-    /// Kind-specific details (reason, generation, bell id, flags).
+    /// Kind-specific details.
     pub details: serde_json::Value,
+    /// When, Unix ms.
+    pub at_ms: u64,
 }
 
-/// An outbox entry: the alert and the sinks that still need it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    /// The alert.
-    pub alert: Alert,
-    /// Sink names still to deliver to (`webhook:<url>`, `command`).
-    pub pending: Vec<String>,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// Not before, Unix ms.
-    pub next_attempt_ms: u64,
-    /// Last error, for `show` and logs.
-    pub last_error: Option<String>,
+impl Raised {
+    /// An alert raised now.
+    pub fn new(kind: AlertKind, device: &str, summary: String, details: serde_json::Value) -> Raised {
+        Raised { kind, device: device.to_string(), summary, details, at_ms: now_ms() }
+    }
 }
 
 /// The sender.
 pub struct Alerts {
     config: AlertsConfig,
     store: Arc<dyn Store>,
+    node: String,
     http: reqwest::Client,
     wake: Notify,
 }
 
 impl Alerts {
     /// `None` when no sink is configured (then nothing is raised at all).
-    pub fn new(config: AlertsConfig, store: Arc<dyn Store>) -> Option<Arc<Alerts>> {
+    pub fn new(config: AlertsConfig, store: Arc<dyn Store>, node: String) -> Option<Arc<Alerts>> {
         if config.webhooks.is_empty() && config.command.is_empty() {
             return None;
         }
         let http = reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build().ok()?;
-        Some(Arc::new(Alerts { config, store, http, wake: Notify::new() }))
+        Some(Arc::new(Alerts { config, store, node, http, wake: Notify::new() }))
     }
 
     /// Whether alerts of `kind` are wanted.
@@ -114,35 +76,36 @@ impl Alerts {
         self.config.events.is_empty() || self.config.events.iter().any(|e| e == kind.as_str())
     }
 
-    /// Builds an outbox entry for every configured sink.
-    pub fn entry(
-        &self,
-        kind: AlertKind,
-        device: &str,
-        summary: String,
-        details: serde_json::Value,
-    ) -> anyhow::Result<OutboxEntry> {
-        let id = self.store.next_id()?;
-        let mut pending: Vec<String> = self.config.webhooks.iter().map(|u| format!("webhook:{u}")).collect();
-        if !self.config.command.is_empty() {
-            pending.push("command".into());
+    /// Writes wanted alerts to the outbox (durable) and wakes the sender.
+    pub async fn enqueue(&self, raised: Vec<Raised>) -> anyhow::Result<()> {
+        let mut entries = vec![];
+        for r in raised.into_iter().filter(|r| self.wants(r.kind)) {
+            let id = self.store.next_id().await?;
+            let mut pending: Vec<String> = self.config.webhooks.iter().map(|u| format!("webhook:{u}")).collect();
+            if !self.config.command.is_empty() {
+                pending.push("command".into());
+            }
+            entries.push(OutboxEntry {
+                alert: Alert {
+                    id,
+                    idempotency_key: format!("pulsebell-{}-{id}", self.store.instance_id()),
+                    kind: r.kind,
+                    device: r.device,
+                    at: rfc3339(r.at_ms),
+                    summary: r.summary,
+                    details: r.details,
+                },
+                pending,
+                attempts: 0,
+                next_attempt_ms: 0,
+                last_error: None,
+            });
         }
-        let at_ms = now_ms();
-        Ok(OutboxEntry {
-            alert: Alert {
-                id,
-                idempotency_key: format!("pulsebell-{}-{id}", self.store.instance_id()),
-                kind,
-                device: device.to_string(),
-                at: rfc3339(at_ms),
-                summary,
-                details,
-            },
-            pending,
-            attempts: 0,
-            next_attempt_ms: 0,
-            last_error: None,
-        })
+        if !entries.is_empty() {
+            self.store.put_outbox(&entries).await?;
+            self.wake();
+        }
+        Ok(())
     }
 
     /// New entries reached the outbox: try them now.
@@ -165,20 +128,29 @@ impl Alerts {
 
     /// One pass over the outbox; returns when the next entry is due.
     async fn deliver_due(&self) -> Option<u64> {
-        let store = self.store.clone();
-        let entries = match tokio::task::spawn_blocking(move || store.outbox()).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
+        let entries = match self.store.outbox().await {
+            Ok(e) => e,
+            Err(e) => {
                 warn!(error = %e, "cannot read the alert outbox");
                 return Some(now_ms() + 5000);
             }
-            Err(_) => return Some(now_ms() + 5000),
         };
         let mut next: Option<u64> = None;
         for mut entry in entries {
             if entry.next_attempt_ms > now_ms() {
                 next = Some(next.map_or(entry.next_attempt_ms, |n| n.min(entry.next_attempt_ms)));
                 continue;
+            }
+            // One node of a cluster delivers each alert: take a lease
+            // longer than one attempt at every sink.
+            let lease = ATTEMPT_TIMEOUT.as_millis() as u64 * (entry.pending.len() as u64 + 1);
+            match self.store.lease_outbox(entry.alert.id, &self.node, now_ms() + lease).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(alert = entry.alert.id, error = %e, "cannot lease the alert");
+                    continue;
+                }
             }
             let payload = serde_json::to_vec(&entry.alert).unwrap_or_default();
             let mut still = vec![];
@@ -199,16 +171,18 @@ impl Alerts {
             entry.attempts += 1;
             entry.last_error = error;
             // Retry after 1 s, 2 s, 4 s … (attempts counts the one just made).
-            let store = self.store.clone();
             if entry.pending.is_empty() {
-                let id = entry.alert.id;
-                let _ = tokio::task::spawn_blocking(move || store.remove_outbox(id)).await;
+                if let Err(e) = self.store.remove_outbox(entry.alert.id).await {
+                    warn!(alert = entry.alert.id, error = %e, "cannot remove a delivered alert");
+                }
             } else {
                 let backoff = Duration::from_secs(1u64 << (entry.attempts - 1).min(9)).min(MAX_BACKOFF);
                 let jitter = rand::random::<u64>() % (backoff.as_millis() as u64 / 4 + 1);
                 entry.next_attempt_ms = now_ms() + backoff.as_millis() as u64 + jitter;
                 next = Some(next.map_or(entry.next_attempt_ms, |n| n.min(entry.next_attempt_ms)));
-                let _ = tokio::task::spawn_blocking(move || store.put_outbox(&[entry])).await;
+                if let Err(e) = self.store.put_outbox(&[entry]).await {
+                    warn!(error = %e, "cannot record an alert attempt");
+                }
             }
         }
         next

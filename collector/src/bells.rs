@@ -14,8 +14,13 @@
 //! at-least-once: bells not yet final are re-sent whenever their device
 //! connects; the agent's journal makes execution exactly-once.
 //!
-//! All changes go through one async mutex held across the store write, so
-//! two updates of one bell can never be persisted out of order.
+//! Every change is a compare-and-set in the store ([`Store::update_bell`]):
+//! two changes of one bell, made on one node or on two nodes of a cluster,
+//! can never be persisted out of order or overwrite each other, and a
+//! final state is reached exactly once. Each node keeps the bells not yet
+//! final in memory, fed by its own changes and (cluster) by the store's
+//! watch of everyone else's; the node holding the device's connection is
+//! the one that sends it bells and cancel requests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,11 +28,13 @@ use std::time::Duration;
 
 use pulsebell_proto::{Bell, BellReport, BellState, ServerMsg, MAX_ITEMS, MAX_PARAM_VALUE, MAX_STRING};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, Mutex};
+use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::fleet::{now_ms, rfc3339, Fleet, Outbound};
-use crate::store::{BellRecord, BellStatus, Store, Transition};
+use crate::alerts::Raised;
+use crate::clock::{now_ms, rfc3339};
+use crate::fleet::{Fleet, Outbound};
+use crate::store::{AlertKind, BellRecord, BellStatus, Store, StoreError, Transition};
 
 /// Most bells listed at once.
 pub const LIST_LIMIT: usize = 1000;
@@ -68,7 +75,7 @@ pub enum BellError {
     Conflict(String),
     /// The store failed.
     #[error("store error: {0}")]
-    Store(String),
+    Store(#[from] StoreError),
 }
 
 /// The JSON view of a bell.
@@ -146,12 +153,46 @@ pub struct Bells {
     fleet: Arc<Fleet>,
     store: Arc<dyn Store>,
     default_ttl: Duration,
-    /// Bells not yet final, by id.
-    pending: Mutex<HashMap<u64, BellRecord>>,
+    /// Bells not yet final, by id: the newest version this node has seen.
+    pending: std::sync::Mutex<Cache>,
     /// Ids of bells that changed (for waiters).
     changed: broadcast::Sender<u64>,
-    /// Bells that reached each final state since start (metrics).
+    /// Bells this node brought to each final state since start (metrics).
     finished: std::sync::Mutex<HashMap<BellStatus, u64>>,
+}
+
+/// Bells not yet final, and the ids of recently finished ones (so that a
+/// late, older copy from a watch cannot bring a finished bell back).
+#[derive(Default)]
+struct Cache {
+    pending: HashMap<u64, BellRecord>,
+    finished: std::collections::HashSet<u64>,
+    finished_order: std::collections::VecDeque<u64>,
+}
+
+/// Finished bell ids remembered per node.
+const FINISHED_REMEMBERED: usize = 65_536;
+
+impl Cache {
+    fn get(&self, id: &u64) -> Option<&BellRecord> {
+        self.pending.get(id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &BellRecord> {
+        self.pending.values()
+    }
+
+    fn finish(&mut self, id: u64) {
+        self.pending.remove(&id);
+        if self.finished.insert(id) {
+            self.finished_order.push_back(id);
+            if self.finished_order.len() > FINISHED_REMEMBERED {
+                if let Some(old) = self.finished_order.pop_front() {
+                    self.finished.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 fn transition(b: &mut BellRecord, state: BellStatus, note: Option<String>) {
@@ -161,27 +202,39 @@ fn transition(b: &mut BellRecord, state: BellStatus, note: Option<String>) {
     b.transitions.push(Transition { state, at_ms: now, note });
 }
 
+fn report_state(s: BellState) -> BellStatus {
+    match s {
+        BellState::Running => BellStatus::Running,
+        BellState::Succeeded => BellStatus::Succeeded,
+        BellState::Failed => BellStatus::Failed,
+        BellState::TimedOut => BellStatus::TimedOut,
+        BellState::Rejected => BellStatus::Rejected,
+        BellState::Cancelled => BellStatus::Cancelled,
+    }
+}
+
 impl Bells {
     /// Loads pending bells and arms TTL timers for the queued ones.
-    pub fn load(fleet: Arc<Fleet>, default_ttl: Duration) -> anyhow::Result<Arc<Bells>> {
+    pub async fn load(fleet: Arc<Fleet>, default_ttl: Duration) -> anyhow::Result<Arc<Bells>> {
         let store = fleet.store().clone();
-        let pending: HashMap<u64, BellRecord> = store.pending_bells()?.into_iter().map(|b| (b.id, b)).collect();
+        let pending = store.pending_bells().await?;
         let (changed, _) = broadcast::channel(1024);
         let bells = Arc::new(Bells {
             fleet,
             store,
             default_ttl,
-            pending: Mutex::new(HashMap::new()),
+            pending: std::sync::Mutex::new(Cache::default()),
             changed,
             finished: std::sync::Mutex::new(HashMap::new()),
         });
-        let queued: Vec<(u64, u64)> =
-            pending.values().filter(|b| b.state == BellStatus::Queued).map(|b| (b.id, b.expires_ms)).collect();
-        *bells.pending.try_lock().expect("no other user yet") = pending;
-        for (id, expires) in queued {
-            bells.arm_expiry(id, expires);
+        for b in pending {
+            bells.observe(b);
         }
         Ok(bells)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.pending.lock().expect("bells lock")
     }
 
     /// Subscribes to bell changes (ids).
@@ -189,23 +242,74 @@ impl Bells {
         self.changed.subscribe()
     }
 
-    async fn persist(&self, records: Vec<BellRecord>) -> Result<(), BellError> {
-        let store = self.store.clone();
-        let finals: Vec<BellStatus> = records.iter().filter(|b| b.state.is_final()).map(|b| b.state).collect();
-        let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || store.put_bells(&records))
-            .await
-            .map_err(|e| BellError::Store(e.to_string()))?
-            .map_err(|e| BellError::Store(e.to_string()))?;
-        self.fleet.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
-        let mut finished = self.finished.lock().expect("finished lock");
-        for state in finals {
-            *finished.entry(state).or_default() += 1;
+    /// Takes in a version of a bell (this node's change or another node's,
+    /// from the store's watch). Returns whether it was news; arms the TTL
+    /// timer of a queued bell seen for the first time.
+    fn observe(self: &Arc<Self>, b: BellRecord) -> bool {
+        let (news, arm) = {
+            let mut cache = self.lock();
+            let known = cache.get(&b.id).map(|old| old.version);
+            if known.is_some_and(|v| v >= b.version) || cache.finished.contains(&b.id) {
+                (false, false)
+            } else if b.state.is_final() {
+                cache.finish(b.id);
+                (true, false)
+            } else {
+                let arm = known.is_none() && b.state == BellStatus::Queued;
+                cache.pending.insert(b.id, b.clone());
+                (true, arm)
+            }
+        };
+        if arm {
+            self.arm_expiry(b.id, b.expires_ms);
         }
-        Ok(())
+        if news {
+            let _ = self.changed.send(b.id);
+        }
+        news
     }
 
-    /// Bells that reached each final state since the collector started.
+    /// A bell changed on another node (the store's watch).
+    pub async fn apply(self: &Arc<Self>, b: BellRecord) {
+        if self.observe(b.clone()) {
+            self.react(&b).await;
+        }
+    }
+
+    /// What this node does about a bell's new version: deliver a queued
+    /// bell or pass a cancel request on, if it holds the device's connection.
+    async fn react(self: &Arc<Self>, b: &BellRecord) {
+        if b.state.is_final() {
+            return;
+        }
+        let Some(tx) = self.fleet.sender(&b.device) else { return };
+        if b.state == BellStatus::Queued {
+            self.deliver(b.id).await;
+        } else if b.cancel_requested {
+            let _ = tx.try_send(Outbound::Msg(ServerMsg::Cancel(b.id)));
+        }
+    }
+
+    /// Applies `change` to bell `id` in the store (compare-and-set) and
+    /// takes in the result.
+    async fn commit(
+        self: &Arc<Self>,
+        id: u64,
+        change: impl Fn(&BellRecord) -> Option<BellRecord> + Send + Sync,
+    ) -> Result<Option<BellRecord>, BellError> {
+        let started = std::time::Instant::now();
+        let updated = self.store.update_bell(id, &change).await?;
+        self.fleet.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
+        if let Some(b) = &updated {
+            if b.state.is_final() {
+                *self.finished.lock().expect("finished lock").entry(b.state).or_default() += 1;
+            }
+            self.observe(b.clone());
+        }
+        Ok(updated)
+    }
+
+    /// Bells that this node brought to each final state since it started.
     pub fn finished_counts(&self) -> HashMap<BellStatus, u64> {
         self.finished.lock().expect("finished lock").clone()
     }
@@ -246,7 +350,7 @@ impl Bells {
         let now = now_ms();
         let mut records = Vec::with_capacity(devices.len());
         for device in devices {
-            let id = self.store.next_bell_id().map_err(|e| BellError::Store(e.to_string()))?;
+            let id = self.store.next_bell_id().await?;
             records.push(BellRecord {
                 id,
                 device,
@@ -262,23 +366,21 @@ impl Bells {
                 duration_ms: None,
                 reason: None,
                 transitions: vec![Transition { state: BellStatus::Queued, at_ms: now, note: None }],
+                cancel_requested: false,
+                version: 0,
             });
         }
-        {
-            let mut pending = self.pending.lock().await;
-            self.persist(records.clone()).await?;
-            for r in &records {
-                pending.insert(r.id, r.clone());
-                info!(bell = r.id, device = %r.device, action = %r.action, "bell queued");
-            }
-        }
+        let started = std::time::Instant::now();
+        self.store.put_bells(&records).await?;
+        self.fleet.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
         for r in &records {
-            self.arm_expiry(r.id, r.expires_ms);
-            let _ = self.changed.send(r.id);
+            info!(bell = r.id, device = %r.device, action = %r.action, "bell queued");
+            self.observe(r.clone());
         }
         let mut out = Vec::with_capacity(records.len());
         for r in records {
-            out.push(self.deliver(r.id).await.unwrap_or(r));
+            self.react(&r).await;
+            out.push(self.get(r.id).await?.unwrap_or(r));
         }
         Ok(out)
     }
@@ -293,35 +395,30 @@ impl Bells {
         });
     }
 
-    async fn expire(&self, id: u64) {
-        let mut pending = self.pending.lock().await;
-        let Some(b) = pending.get(&id) else { return };
-        if b.state != BellStatus::Queued {
-            return;
+    async fn expire(self: &Arc<Self>, id: u64) {
+        let expire = |b: &BellRecord| {
+            (b.state == BellStatus::Queued && b.expires_ms <= now_ms()).then(|| {
+                let mut b = b.clone();
+                transition(&mut b, BellStatus::Expired, None);
+                b.reason = Some("the device did not come online before the bell's TTL passed".into());
+                b
+            })
+        };
+        match self.commit(id, expire).await {
+            Ok(Some(b)) => info!(bell = id, device = %b.device, "bell expired"),
+            Ok(None) => {}
+            Err(e) => warn!(bell = id, error = %e, "cannot record expiry"),
         }
-        let mut b = b.clone();
-        transition(&mut b, BellStatus::Expired, None);
-        b.reason = Some("the device did not come online before the bell's TTL passed".into());
-        if let Err(e) = self.persist(vec![b.clone()]).await {
-            warn!(bell = id, error = %e, "cannot record expiry");
-            return;
-        }
-        pending.remove(&id);
-        info!(bell = id, device = %b.device, "bell expired");
-        let _ = self.changed.send(id);
     }
 
-    /// Sends a pending bell to its device if it is connected; marks it sent.
-    async fn deliver(&self, id: u64) -> Option<BellRecord> {
-        let mut pending = self.pending.lock().await;
-        let b = pending.get(&id)?.clone();
-        if b.state.is_final() {
-            return Some(b);
+    /// Sends a pending bell to its device if it is connected to this node;
+    /// marks a queued one sent.
+    async fn deliver(self: &Arc<Self>, id: u64) {
+        let Some(b) = self.lock().get(&id).cloned() else { return };
+        if b.state.is_final() || (b.state == BellStatus::Queued && b.expires_ms <= now_ms()) {
+            return; // the expiry timer settles a late one
         }
-        if b.state == BellStatus::Queued && b.expires_ms <= now_ms() {
-            return Some(b); // the expiry timer settles it
-        }
-        let tx = self.fleet.sender(&b.device)?;
+        let Some(tx) = self.fleet.sender(&b.device) else { return };
         let msg = ServerMsg::Bell(Bell {
             id,
             action: b.action.clone(),
@@ -330,27 +427,30 @@ impl Bells {
         });
         if tx.try_send(Outbound::Msg(msg)).is_err() {
             warn!(bell = id, device = %b.device, "device queue full; bell stays queued until it reconnects");
-            return Some(b);
+            return;
+        }
+        if b.cancel_requested {
+            let _ = tx.try_send(Outbound::Msg(ServerMsg::Cancel(id)));
         }
         if b.state != BellStatus::Queued {
-            return Some(b); // a re-delivery: state unchanged
+            return; // a re-delivery: state unchanged
         }
-        let mut b = b;
-        transition(&mut b, BellStatus::Sent, None);
-        if let Err(e) = self.persist(vec![b.clone()]).await {
+        let sent = |b: &BellRecord| {
+            (b.state == BellStatus::Queued).then(|| {
+                let mut b = b.clone();
+                transition(&mut b, BellStatus::Sent, None);
+                b
+            })
+        };
+        if let Err(e) = self.commit(id, sent).await {
             warn!(bell = id, error = %e, "cannot record delivery");
         }
-        pending.insert(id, b.clone());
-        let _ = self.changed.send(id);
-        Some(b)
     }
 
-    /// A device connected: (re-)deliver its pending bells in order.
-    pub async fn on_connect(&self, device: &str) {
-        let mut ids: Vec<u64> = {
-            let pending = self.pending.lock().await;
-            pending.values().filter(|b| b.device == device).map(|b| b.id).collect()
-        };
+    /// A device connected to this node: (re-)deliver its pending bells in
+    /// order.
+    pub async fn on_connect(self: &Arc<Self>, device: &str) {
+        let mut ids: Vec<u64> = self.lock().values().filter(|b| b.device == device).map(|b| b.id).collect();
         ids.sort_unstable();
         for id in ids {
             self.deliver(id).await;
@@ -358,40 +458,42 @@ impl Bells {
     }
 
     /// A report from `device`'s agent.
-    pub async fn on_report(&self, device: &str, r: BellReport) {
-        let mut pending = self.pending.lock().await;
-        let Some(b) = pending.get(&r.id) else { return };
-        if b.device != device {
-            warn!(bell = r.id, device, owner = %b.device, "ignoring a report for another device's bell");
+    pub async fn on_report(self: &Arc<Self>, device: &str, r: BellReport) {
+        let id = r.id;
+        let state = report_state(r.state);
+        let apply = |b: &BellRecord| {
+            if b.device != device || b.state.is_final() {
+                return None;
+            }
+            let mut b = b.clone();
+            if state == BellStatus::Running {
+                if b.state == BellStatus::Running {
+                    return None;
+                }
+                transition(&mut b, BellStatus::Running, None);
+            } else {
+                transition(&mut b, state, None);
+                b.exit_code = r.exit_code;
+                b.output = r.output.clone();
+                b.duration_ms = Some(r.duration_ms);
+                b.reason = r.reason.clone();
+            }
+            Some(b)
+        };
+        if let Some(owner) = self.lock().get(&id).map(|b| b.device.clone()).filter(|d| d != device) {
+            warn!(bell = id, device, %owner, "ignoring a report for another device's bell");
             return;
         }
-        let mut b = b.clone();
-        let state = match r.state {
-            BellState::Running => BellStatus::Running,
-            BellState::Succeeded => BellStatus::Succeeded,
-            BellState::Failed => BellStatus::Failed,
-            BellState::TimedOut => BellStatus::TimedOut,
-            BellState::Rejected => BellStatus::Rejected,
-            BellState::Cancelled => BellStatus::Cancelled,
-        };
-        if state == BellStatus::Running {
-            if b.state == BellStatus::Running {
+        let b = match self.commit(id, apply).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                // Not recorded: the agent's journal still has it, and the
+                // next re-delivery brings it back.
+                warn!(bell = id, error = %e, "cannot record bell report");
                 return;
             }
-            transition(&mut b, BellStatus::Running, None);
-        } else {
-            transition(&mut b, state, None);
-            b.exit_code = r.exit_code;
-            b.output = r.output;
-            b.duration_ms = Some(r.duration_ms);
-            b.reason = r.reason;
-        }
-        if let Err(e) = self.persist(vec![b.clone()]).await {
-            // Not recorded: the agent's journal still has it, and the next
-            // re-delivery brings it back.
-            warn!(bell = b.id, error = %e, "cannot record bell report");
-            return;
-        }
+        };
         if b.state.is_final() {
             info!(bell = b.id, device, state = b.state.as_str(), exit_code = ?b.exit_code, "bell finished");
             if matches!(b.state, BellStatus::Failed | BellStatus::TimedOut) {
@@ -400,59 +502,69 @@ impl Bells {
                     "exit_code": b.exit_code, "reason": b.reason,
                 });
                 let summary = format!("bell {} ({}) on {device} {}", b.id, b.action, b.state.as_str());
-                self.fleet.raise_alert(crate::alerts::AlertKind::BellFailed, device, summary, details);
+                self.fleet.raise(Raised::new(AlertKind::BellFailed, device, summary, details));
             }
-            pending.remove(&b.id);
-        } else {
-            pending.insert(b.id, b.clone());
         }
-        let _ = self.changed.send(b.id);
     }
 
     /// Cancels a bell: a queued one at once; a sent or running one by
-    /// asking its agent (the agent reports `cancelled`).
-    pub async fn cancel(&self, id: u64) -> Result<BellRecord, BellError> {
-        let mut pending = self.pending.lock().await;
-        let Some(b) = pending.get(&id).cloned() else {
-            return match self.store.bell(id).map_err(|e| BellError::Store(e.to_string()))? {
-                Some(b) => Err(BellError::Conflict(format!("bell {id} is already {}", b.state.as_str()))),
-                None => Err(BellError::NotFound(format!("no bell {id}"))),
-            };
+    /// asking its agent through the node holding its connection (the agent
+    /// reports `cancelled`); one whose device is offline at once.
+    pub async fn cancel(self: &Arc<Self>, id: u64) -> Result<BellRecord, BellError> {
+        let online = self
+            .fleet
+            .view(&self.lock().get(&id).map(|b| b.device.clone()).unwrap_or_default())
+            .is_some_and(|v| v.node.is_some());
+        let cancel = |b: &BellRecord| {
+            if b.state.is_final() {
+                return None;
+            }
+            let mut b = b.clone();
+            match b.state {
+                BellStatus::Queued => {
+                    transition(&mut b, BellStatus::Cancelled, Some("cancelled before delivery".into()));
+                    b.reason = Some("cancelled by the operator before delivery".into());
+                }
+                _ if online => {
+                    if b.cancel_requested {
+                        return None;
+                    }
+                    b.cancel_requested = true;
+                    b.updated_ms = now_ms();
+                    b.transitions.push(Transition {
+                        state: b.state,
+                        at_ms: now_ms(),
+                        note: Some("cancel requested".into()),
+                    });
+                }
+                _ => {
+                    transition(&mut b, BellStatus::Cancelled, Some("device offline".into()));
+                    b.reason = Some("cancelled while the device was offline; it may have started".into());
+                }
+            }
+            Some(b)
         };
-        let mut b = b;
-        let online = self.fleet.sender(&b.device);
-        match (b.state, online) {
-            (BellStatus::Queued, _) => {
-                transition(&mut b, BellStatus::Cancelled, Some("cancelled before delivery".into()));
-                b.reason = Some("cancelled by the operator before delivery".into());
+        match self.commit(id, cancel).await? {
+            Some(b) => {
+                self.react(&b).await;
+                Ok(b)
             }
-            (_, Some(tx)) => {
-                let _ = tx.try_send(Outbound::Msg(ServerMsg::Cancel(id)));
-                let note = Some("cancel requested".into());
-                b.transitions.push(Transition { state: b.state, at_ms: now_ms(), note });
-                b.updated_ms = now_ms();
-            }
-            (_, None) => {
-                transition(&mut b, BellStatus::Cancelled, Some("device offline".into()));
-                b.reason = Some("cancelled while the device was offline; it may have started".into());
-            }
+            None => match self.store.bell(id).await? {
+                Some(b) if b.state.is_final() => {
+                    Err(BellError::Conflict(format!("bell {id} is already {}", b.state.as_str())))
+                }
+                Some(b) => Ok(b), // a cancel was already requested
+                None => Err(BellError::NotFound(format!("no bell {id}"))),
+            },
         }
-        self.persist(vec![b.clone()]).await?;
-        if b.state.is_final() {
-            pending.remove(&id);
-        } else {
-            pending.insert(id, b.clone());
-        }
-        let _ = self.changed.send(id);
-        Ok(b)
     }
 
     /// One bell.
     pub async fn get(&self, id: u64) -> Result<Option<BellRecord>, BellError> {
-        if let Some(b) = self.pending.lock().await.get(&id) {
+        if let Some(b) = self.lock().get(&id) {
             return Ok(Some(b.clone()));
         }
-        self.store.bell(id).map_err(|e| BellError::Store(e.to_string()))
+        Ok(self.store.bell(id).await?)
     }
 
     /// Waits until the bell is final or `timeout` passes; returns it.
@@ -478,20 +590,20 @@ impl Bells {
 
     /// Newest bells first.
     pub async fn list(&self, device: Option<&str>, limit: usize) -> Result<Vec<BellRecord>, BellError> {
-        let mut out = self.store.bells(device, limit.min(LIST_LIMIT)).map_err(|e| BellError::Store(e.to_string()))?;
-        // Pending ones may be newer in memory than on disk only between a
-        // change and its write, which happens under the lock; the store is
-        // authoritative.
+        let mut out = self.store.bells(device, limit.min(LIST_LIMIT)).await?;
         out.sort_by_key(|b| std::cmp::Reverse(b.id));
         Ok(out)
     }
 
     /// Counts of pending bells by state (metrics).
-    pub async fn pending_counts(&self) -> HashMap<BellStatus, u64> {
+    pub fn pending_counts(&self) -> HashMap<BellStatus, u64> {
         let mut out = HashMap::new();
-        for b in self.pending.lock().await.values() {
+        for b in self.lock().values() {
             *out.entry(b.state).or_default() += 1;
         }
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -83,6 +83,67 @@ pub struct Config {
     pub devices: BTreeMap<String, DeviceOverride>,
     /// Alert hooks.
     pub alerts: AlertsConfig,
+    /// Cluster mode (NATS JetStream instead of sled).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: run as one of several collectors sharing one fleet on NATS
+/// JetStream. Without `nats_urls`, the collector runs alone on sled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers (`nats://host:4222`, `tls://host:4222`); empty: no
+    /// cluster.
+    pub nats_urls: Vec<String>,
+    /// This node's id; default: the hostname.
+    pub node_id: Option<String>,
+    /// NATS credentials file (JWT + NKey seed).
+    pub nats_creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) for NATS servers with a private CA.
+    pub nats_ca_file: Option<PathBuf>,
+    /// Replicas of every stream and bucket; default min(3, JetStream
+    /// servers).
+    pub replicas: Option<usize>,
+    /// A node whose heartbeat is this old is lost; its devices are
+    /// declared offline (`collector_lost`).
+    #[serde(deserialize_with = "de_duration")]
+    pub lost_after: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: vec![],
+            node_id: None,
+            nats_creds_file: None,
+            nats_ca_file: None,
+            replicas: None,
+            lost_after: Duration::from_secs(8),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    /// This node's id: `node_id`, else the hostname.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "collector".into())
+        })
+    }
+}
+
+/// Whether `id` can name a node (it becomes part of NATS keys).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `[alerts]`
@@ -171,6 +232,7 @@ impl Default for Config {
             limits: Limits::default(),
             devices: BTreeMap::new(),
             alerts: AlertsConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -203,7 +265,9 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks values that parse but make no sense (also after command-line
+    /// overrides).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, message: &str| Err(ConfigError { key: key.into(), message: message.into() });
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad("tls.key_file", "set both `cert_file` and `key_file`, or neither");
@@ -237,6 +301,24 @@ impl Config {
         const KINDS: [&str; 5] = ["device_offline", "device_online", "under_voltage", "throttled", "bell_failed"];
         if let Some(e) = self.alerts.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
             return bad("alerts.events", &format!("unknown event `{e}`; use {}", KINDS.join(", ")));
+        }
+        for (i, url) in self.cluster.nats_urls.iter().enumerate() {
+            let ok = ["nats://", "tls://", "ws://", "wss://"].iter().any(|p| url.starts_with(p))
+                && url.parse::<reqwest::Url>().is_ok_and(|u| u.host_str().is_some());
+            if !ok {
+                return bad(&format!("cluster.nats_urls[{i}]"), "must be a nats://host:port (or tls://) URL");
+            }
+        }
+        if let Some(id) = &self.cluster.node_id {
+            if !valid_node_id(id) {
+                return bad("cluster.node_id", "use 1 to 64 letters, digits, '-' or '_'");
+            }
+        }
+        if self.cluster.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
+            return bad("cluster.replicas", "must be between 1 and 5");
+        }
+        if self.cluster.lost_after < Duration::from_secs(3) || self.cluster.lost_after > Duration::from_secs(120) {
+            return bad("cluster.lost_after", "must be between 3s and 120s");
         }
         for (id, o) in &self.devices {
             if o.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {

@@ -21,11 +21,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::alerts::Alerts;
 use crate::bells::Bells;
+use crate::clock::now_ms;
+use crate::cluster::{self, Membership};
 use crate::config::Config;
-use crate::fleet::{now_ms, Fleet};
+use crate::fleet::{writeback, Fleet};
 use crate::gateway::{self, Gateway};
-use crate::store::{SledStore, Store};
+use crate::store::{NatsStore, Reason, SledStore, Store};
 use crate::tls;
 
 /// File in the data dir with the admin token.
@@ -66,6 +69,16 @@ pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// Opens the store the config asks for: sled in the data dir, or NATS
+/// JetStream in cluster mode (retrying until the servers answer).
+pub async fn open_store(config: &Config, node: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if config.cluster.enabled() {
+        Ok(Arc::new(NatsStore::connect(&config.cluster, node).await?))
+    } else {
+        Ok(Arc::new(SledStore::open(&config.data_dir.join("db"), config.sled_cache_mb * 1024 * 1024)?))
+    }
+}
+
 /// Starts a collector with `config`.
 pub async fn start(config: Config) -> anyhow::Result<Server> {
     let config = Arc::new(config);
@@ -73,9 +86,12 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let token = admin_token(&data_dir)?;
     let tls = tls::load(&config.tls, &data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&data_dir.join("db"), config.sled_cache_mb * 1024 * 1024)?);
-    let fleet = Fleet::load(config.clone(), store.clone())?;
-    let bells = Bells::load(fleet.clone(), config.bell_ttl)?;
+    let node = config.cluster.node_id();
+    let store = open_store(&config, &node).await?;
+    let changes = store.changes();
+    let fleet = Fleet::load(config.clone(), node.clone(), store.clone()).await?;
+    let bells = Bells::load(fleet.clone(), config.bell_ttl).await?;
+    let alerts = Alerts::new(config.alerts.clone(), store.clone(), node.clone());
 
     let device_listener = bind_devices(config.listen, config.limits.accept_backlog)
         .with_context(|| format!("cannot listen for devices on {}", config.listen))?;
@@ -90,10 +106,27 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let gw = Arc::new(Gateway::new(fleet.clone(), bells.clone(), TlsAcceptor::from(tls.config), config.limits.clone()));
+    let membership = Arc::new(Membership::default());
+    let cluster_task = changes.map(|changes| {
+        tokio::spawn(cluster::run(
+            gw.clone(),
+            membership.clone(),
+            changes,
+            config.cluster.lost_after,
+            device_addr.to_string(),
+            shutdown_rx.clone(),
+        ))
+    });
     let (done_tx, done_rx) = mpsc::channel::<()>(1);
-    let gateway_task = tokio::spawn(gateway::serve(gw, device_listener, shutdown_rx.clone(), done_tx));
+    let gateway_task = tokio::spawn(gateway::serve(gw.clone(), device_listener, shutdown_rx.clone(), done_tx));
 
-    let admin_state = AdminState { fleet: fleet.clone(), bells: bells.clone(), token: Arc::new(token.clone()) };
+    let admin_state = AdminState {
+        fleet: fleet.clone(),
+        bells: bells.clone(),
+        alerts: alerts.clone(),
+        membership: config.cluster.enabled().then(|| membership.clone()),
+        token: Arc::new(token.clone()),
+    };
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {
         axum::serve(admin_listener, admin::router(admin_state))
@@ -103,13 +136,20 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             .await
     });
 
-    let write_back_task =
-        tokio::spawn(write_back_loop(fleet.clone(), config.write_back, config.history_retention, shutdown_rx.clone()));
+    let write_back_task = tokio::spawn(write_back_loop(
+        fleet.clone(),
+        alerts.clone(),
+        config.write_back,
+        config.history_retention,
+        shutdown_rx.clone(),
+    ));
     restart_liveness(&fleet);
-    let alerts_task = fleet.alerts().cloned().map(|a| tokio::spawn(a.run(shutdown_rx.clone())));
+    let alerts_task = alerts.clone().map(|a| tokio::spawn(a.run(shutdown_rx.clone())));
 
     let run = serde_json::json!({
         "pid": std::process::id(),
+        "node": node,
+        "backend": store.backend(),
         "device_addr": device_addr.to_string(),
         "admin_url": format!("http://{admin_addr}"),
         "ca_file": tls.dev_ca.as_ref().map(|p| p.display().to_string()),
@@ -125,7 +165,10 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             let _ = shutdown_rx.changed().await;
             info!("shutting down: closing device connections");
             let _ = gateway_task.await;
-            fleet.close_all(close::GOING_AWAY, "collector shutting down");
+            let closed = fleet.close_all(close::GOING_AWAY, "collector shutting down", Reason::CollectorShutdown);
+            for (device, generation) in closed {
+                let _ = fleet.store().release(&device, fleet.node(), generation, Reason::CollectorShutdown).await;
+            }
             let mut done_rx = done_rx;
             if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
                 warn!(?grace, "connections did not close within the grace period");
@@ -135,13 +178,11 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             if let Some(t) = alerts_task {
                 let _ = t.await;
             }
-            let fleet2 = fleet.clone();
-            tokio::task::spawn_blocking(move || {
-                fleet2.write_back()?;
-                fleet2.store().flush()?;
-                anyhow::Ok(())
-            })
-            .await??;
+            if let Some(t) = cluster_task {
+                let _ = t.await;
+            }
+            writeback::write_back(&fleet, alerts.as_deref()).await?;
+            fleet.store().flush().await?;
             info!("shutdown complete");
             Ok(())
         })
@@ -174,9 +215,11 @@ fn bind_devices(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> 
     socket.listen(backlog)
 }
 
-/// Writes device state back every `period`, until shutdown.
+/// Writes device state back every `period`, until shutdown; prunes old
+/// events and history hourly.
 async fn write_back_loop(
     fleet: Arc<Fleet>,
+    alerts: Option<Arc<Alerts>>,
     period: Duration,
     history_retention: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -191,28 +234,17 @@ async fn write_back_loop(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let f = fleet.clone();
-        since_prune += 1;
-        let prune = since_prune >= prune_every;
-        if prune {
-            since_prune = 0;
+        if let Err(e) = writeback::write_back(&fleet, alerts.as_deref()).await {
+            warn!(error = %e, "write-back failed");
         }
-        let result = tokio::task::spawn_blocking(move || {
-            f.write_back()?;
-            if prune {
-                f.store().prune_events(now_ms().saturating_sub(retention.as_millis() as u64))?;
-                let cutoff = (now_ms().saturating_sub(history_retention.as_millis() as u64) / 60_000) as u32;
-                for id in f.ids() {
-                    f.store().prune_history(&id, cutoff)?;
-                }
+        since_prune += 1;
+        if since_prune >= prune_every {
+            since_prune = 0;
+            let events_before = now_ms().saturating_sub(retention.as_millis() as u64);
+            let history_before = (now_ms().saturating_sub(history_retention.as_millis() as u64) / 60_000) as u32;
+            if let Err(e) = fleet.store().prune(events_before, history_before, &fleet.ids()).await {
+                warn!(error = %e, "pruning failed");
             }
-            anyhow::Ok(())
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "write-back failed"),
-            Err(e) => warn!(error = %e, "write-back task failed"),
         }
     }
 }
@@ -226,7 +258,7 @@ fn restart_liveness(fleet: &Arc<Fleet>) {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await;
             if let Some(fleet) = fleet.upgrade() {
-                fleet.offline(&id, generation, "silent");
+                fleet.offline(&id, generation, Reason::Silent);
             }
         });
     }

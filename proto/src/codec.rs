@@ -48,6 +48,9 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// Frame larger than [`crate::MAX_FRAME`].
     pub const TOO_BIG: u16 = 1009;
+    /// The collector cannot take the connection now (cut off from its
+    /// cluster, overloaded): try again later, perhaps elsewhere.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The agent speaks another protocol version.
     pub const VERSION_MISMATCH: u16 = 4001;
     /// The device's enrolment was revoked.

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{AdminState, ApiError};
 use crate::bells::{BellView, RingRequest};
-use crate::fleet::{now_ms, rfc3339, DeviceView};
-use crate::store::{EventKind, EventRecord};
+use crate::clock::{now_ms, rfc3339};
+use crate::cluster::NodeView;
+use crate::fleet::{writeback, DeviceView};
+use crate::store::{EventKind, EventRecord, Reason};
 
 /// Longest a request may wait for a bell to finish.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
@@ -48,10 +50,7 @@ async fn enroll_ids(state: &AdminState, ids: Vec<String>, rotate: bool) -> Resul
     for id in &ids {
         check_id(id)?;
     }
-    let fleet = state.fleet.clone();
-    let out = tokio::task::spawn_blocking(move || fleet.enroll(&ids, rotate))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let out = state.fleet.enroll(&ids, rotate).await?;
     Ok(out.into_iter().map(|(id, token)| Enrolled { id, token }).collect())
 }
 
@@ -103,11 +102,7 @@ pub async fn revoke(
     State(state): State<AdminState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let fleet = state.fleet.clone();
-    let target = id.clone();
-    let existed = tokio::task::spawn_blocking(move || fleet.revoke(&target))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let existed = state.fleet.revoke(&id).await?;
     if existed {
         Ok(Json(serde_json::json!({ "revoked": id })))
     } else {
@@ -174,7 +169,7 @@ pub async fn cancel_bell(State(state): State<AdminState>, Path(id): Path<u64>) -
 pub struct EventView {
     device: String,
     kind: EventKind,
-    reason: String,
+    reason: Reason,
     at: String,
     generation: u64,
 }
@@ -198,16 +193,14 @@ pub async fn events(
 ) -> Result<Json<Vec<EventView>>, ApiError> {
     // Events wait up to one write-back window in memory; write them now so
     // the answer is complete.
-    let fleet = state.fleet.clone();
-    tokio::task::spawn_blocking(move || fleet.write_back())
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    writeback::write_back(&state.fleet, state.alerts.as_deref()).await?;
     let since = q.since_ms.unwrap_or(0);
     let limit = q.limit.unwrap_or(1000).min(100_000);
     let events = state
         .fleet
         .store()
         .events(q.device.as_deref(), since, limit)
+        .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(events.into_iter().map(EventView::from).collect()))
 }
@@ -227,7 +220,20 @@ pub async fn stats(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "bytes_received": s.bytes_received.load(Ordering::Relaxed),
         "handshakes": s.handshakes.load(Ordering::Relaxed),
         "handshake_failures": failures,
+        "node": state.fleet.node(),
+        "backend": state.fleet.store().backend(),
     }))
+}
+
+/// The cluster's nodes.
+pub async fn cluster(State(state): State<AdminState>) -> Result<Json<Vec<NodeView>>, ApiError> {
+    let Some(m) = &state.membership else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this collector is not in cluster mode (no [cluster] nats_urls)".into(),
+        ));
+    };
+    Ok(Json(m.views(state.fleet.config().cluster.lost_after)))
 }
 
 #[derive(Deserialize)]
@@ -241,11 +247,10 @@ pub async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let since = q.since_ms.unwrap_or_else(|| now_ms().saturating_sub(3_600_000));
-    let fleet = state.fleet.clone();
-    let target = id.clone();
-    let buckets = tokio::task::spawn_blocking(move || fleet.history(&target, since))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+    let buckets = state
+        .fleet
+        .history(&id, since)
+        .await?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no enrolled device `{id}`")))?;
     let buckets: Vec<serde_json::Value> = buckets
         .iter()

@@ -14,7 +14,7 @@ use futures_util::stream::Stream;
 use serde::Deserialize;
 
 use super::AdminState;
-use crate::gateway::auth;
+use crate::auth;
 
 /// Name of the session cookie.
 pub const COOKIE: &str = "pulsebell_admin";

@@ -115,7 +115,7 @@ pub async fn render(state: &AdminState) -> String {
     }
     r.register("handshake_failures", "Failed device handshakes by reason", failures);
     let pending = Family::<Labels, Gauge<i64>>::default();
-    let counts = state.bells.pending_counts().await;
+    let counts = state.bells.pending_counts();
     for st in [BellStatus::Queued, BellStatus::Sent, BellStatus::Running] {
         pending.get_or_create(&vec![("state".into(), st.as_str().into())]).set(*counts.get(&st).unwrap_or(&0) as i64);
     }

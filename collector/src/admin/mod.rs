@@ -19,6 +19,7 @@
 //! | POST | `/v1/bells/{id}/cancel` | cancel |
 //! | GET | `/v1/events?device=&since_ms=&limit=` | liveness events |
 //! | GET | `/v1/stats` | counters |
+//! | GET | `/v1/cluster` | the cluster's nodes (cluster mode; 404 otherwise) |
 //! | GET | `/metrics` | Prometheus text format ([`metrics`]) |
 //! | GET | `/`, `/login` | the dashboard ([`dashboard`]; cookie login) |
 //! | GET | `/v1/stream` | the fleet as Server-Sent Events |
@@ -36,9 +37,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::alerts::Alerts;
+use crate::auth;
 use crate::bells::Bells;
+use crate::cluster::Membership;
 use crate::fleet::Fleet;
-use crate::gateway::auth;
 
 pub use crate::bells::{BellView, RingRequest};
 pub use crate::fleet::DeviceView;
@@ -50,6 +53,10 @@ pub struct AdminState {
     pub fleet: Arc<Fleet>,
     /// Bells.
     pub bells: Arc<Bells>,
+    /// The alert sender, if any sink is configured.
+    pub alerts: Option<Arc<Alerts>>,
+    /// The cluster's nodes (cluster mode only).
+    pub membership: Option<Arc<Membership>>,
     /// The admin token.
     pub token: Arc<String>,
 }
@@ -70,6 +77,7 @@ impl From<crate::bells::BellError> for ApiError {
             Invalid(_) => StatusCode::BAD_REQUEST,
             NotFound(_) => StatusCode::NOT_FOUND,
             Conflict(_) => StatusCode::CONFLICT,
+            Store(crate::store::StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -109,6 +117,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/bells/{id}/cancel", post(api::cancel_bell))
         .route("/v1/events", get(api::events))
         .route("/v1/stats", get(api::stats))
+        .route("/v1/cluster", get(api::cluster))
         .route("/metrics", get(metrics::handler))
         .route("/v1/stream", get(dashboard::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

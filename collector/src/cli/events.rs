@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::client::Client;
-use crate::fleet::now_ms;
+use crate::clock::now_ms;
 
 /// `events [DEVICE] [--since DUR] [--json]`.
 pub async fn list(client: &Client, device: Option<&str>, since: Option<Duration>, json: bool) -> anyhow::Result<()> {

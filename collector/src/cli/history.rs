@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::client::Client;
-use crate::fleet::now_ms;
+use crate::clock::now_ms;
 use crate::history::{sparkline, Agg, Bucket, Metric};
 
 /// `history DEVICE [--metric temp|cpu|mem|load] [--since DUR] [--json]`.

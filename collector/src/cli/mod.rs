@@ -4,6 +4,7 @@
 
 mod bell;
 mod client;
+mod cluster;
 mod demo;
 mod events;
 mod history;
@@ -54,6 +55,31 @@ pub enum Command {
         /// Admin listener address [default: 127.0.0.1:9180]
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Cluster mode: NATS servers, comma-separated (config: [cluster] nats_urls)
+        #[arg(long, value_name = "URL[,URL...]")]
+        nats: Option<String>,
+        /// This node's id in the cluster [default: the hostname]
+        #[arg(long)]
+        node_id: Option<String>,
+    },
+    /// The cluster's collectors (cluster mode).
+    Cluster {
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a sled data dir (enrolments, device state, bells, events,
+    /// history, pending alerts) into NATS JetStream for cluster mode.
+    Migrate {
+        /// The single collector's data dir (stop that collector first).
+        #[arg(long)]
+        from: PathBuf,
+        /// NATS servers, comma-separated.
+        #[arg(long, value_name = "URL[,URL...]")]
+        nats: String,
+        /// Stream and bucket replicas [default: min(3, servers)]
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// Start a collector and three real agents on this machine, show the status table, clean up.
     Demo {
@@ -193,7 +219,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let data_dir = data_dir_arg.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let client = || Client::new(cli.admin.as_deref(), &data_dir);
     match cli.command {
-        Command::Serve { config, listen, admin_listen } => {
+        Command::Serve { config, listen, admin_listen, nats, node_id } => {
             let mut config = match &config {
                 Some(path) => Config::load(path)?,
                 None => Config::default(),
@@ -207,7 +233,23 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             if let Some(a) = admin_listen {
                 config.admin_listen = a;
             }
+            if let Some(urls) = nats {
+                config.cluster.nats_urls =
+                    urls.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+            }
+            if let Some(id) = node_id {
+                config.cluster.node_id = Some(id);
+            }
+            config.validate()?;
             serve(config).await?;
+            Ok(0)
+        }
+        Command::Cluster { json } => {
+            cluster::show(&client()?, json).await?;
+            Ok(0)
+        }
+        Command::Migrate { from, nats, replicas } => {
+            cluster::migrate(&from, &nats, replicas).await?;
             Ok(0)
         }
         Command::Demo { duration } => {

@@ -28,6 +28,7 @@ pub async fn show(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
         ("state", d.state.clone()),
         ("last seen", ago(d.last_seen.as_deref(), SystemTime::now())),
         ("connected", format!("{} (generation {})", d.connected, d.generation)),
+        ("node", d.node.clone().unwrap_or_else(|| "-".into())),
         ("hostname", d.hostname.clone().unwrap_or_default()),
         ("os", d.os.clone().unwrap_or_default()),
         ("kernel", d.kernel.clone().unwrap_or_default()),

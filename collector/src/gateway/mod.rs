@@ -8,8 +8,9 @@
 //! `handshake_timeout`; failed authentications are throttled per source
 //! address.
 
-pub mod auth;
 pub mod session;
+
+use crate::auth;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,9 @@ pub struct Gateway {
     pub throttle: auth::Throttle,
     connections: Arc<Semaphore>,
     handshakes: Semaphore,
+    /// False while this node is cut off from its cluster: new devices are
+    /// refused with 1013.
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -52,10 +56,32 @@ impl Gateway {
             throttle: auth::Throttle::new(limits.auth_failures_per_minute),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Semaphore::new(limits.handshake_concurrency),
+            accepting: std::sync::atomic::AtomicBool::new(true),
             fleet,
             bells,
             acceptor,
             limits,
+        }
+    }
+
+    /// Whether new device connections are taken.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops taking new device connections.
+    pub fn set_accepting(&self, on: bool) {
+        self.accepting.store(on, Ordering::Relaxed);
+    }
+
+    /// Connection `generation` of `device` ended for `reason`: offline in
+    /// the fleet, and (cluster) given up in the store so no other node
+    /// declares it lost.
+    pub async fn ended(&self, device: &str, generation: u64, reason: crate::store::Reason) {
+        if self.fleet.offline(device, generation, reason) {
+            if let Err(e) = self.fleet.store().release(device, self.fleet.node(), generation, reason).await {
+                debug!(device, generation, error = %e, "cannot release the connection in the store");
+            }
         }
     }
 

@@ -28,48 +28,50 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info};
 
 use super::Gateway;
-use crate::fleet::{now_ms, Outbound};
+use crate::clock::now_ms;
+use crate::fleet::{Outbound, Refused};
+use crate::store::Reason;
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
 /// How a session ended, and what that means for liveness.
 struct End {
     /// Offline reason recorded for the device.
-    reason: &'static str,
+    reason: Reason,
     /// Close frame to send, if the collector is the one closing.
     close: Option<(u16, String)>,
 }
 
 impl End {
-    fn closing(reason: &'static str, code: u16, text: impl Into<String>) -> End {
+    fn closing(reason: Reason, code: u16, text: impl Into<String>) -> End {
         End { reason, close: Some((code, text.into())) }
     }
     fn gone() -> End {
-        End { reason: "disconnected", close: None }
+        End { reason: Reason::Disconnected, close: None }
     }
 }
 
 fn decode_error_end(bytes: &[u8], e: DecodeError) -> End {
     if let Some(v) = peek_hello_version(bytes).filter(|v| *v != PROTOCOL_VERSION) {
         return End::closing(
-            "disconnected",
+            Reason::Disconnected,
             close::VERSION_MISMATCH,
             format!("unsupported protocol version {v}; this collector speaks {PROTOCOL_VERSION}"),
         );
     }
     match e {
-        DecodeError::TooLarge { .. } => End::closing("disconnected", close::TOO_BIG, e.to_string()),
-        _ => End::closing("disconnected", close::INVALID_PAYLOAD, format!("invalid message: {e}")),
+        DecodeError::TooLarge { .. } => End::closing(Reason::Disconnected, close::TOO_BIG, e.to_string()),
+        _ => End::closing(Reason::Disconnected, close::INVALID_PAYLOAD, format!("invalid message: {e}")),
     }
 }
 
 fn read_error_end(e: tungstenite::Error) -> End {
     match e {
         tungstenite::Error::Capacity(c) => {
-            End::closing("disconnected", close::TOO_BIG, format!("message too big: {c}"))
+            End::closing(Reason::Disconnected, close::TOO_BIG, format!("message too big: {c}"))
         }
         tungstenite::Error::Protocol(p) => {
-            End::closing("disconnected", close::PROTOCOL, format!("protocol error: {p}"))
+            End::closing(Reason::Disconnected, close::PROTOCOL, format!("protocol error: {p}"))
         }
         _ => End::gone(),
     }
@@ -107,12 +109,12 @@ pub async fn run(
         _ = shutdown.changed() => return send_close(&mut ws, close::GOING_AWAY, "collector shutting down").await,
     };
     let hello = match first {
-        Err(_) => Err(End::closing("disconnected", close::PROTOCOL, "no Hello within the handshake timeout")),
+        Err(_) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "no Hello within the handshake timeout")),
         Ok(None) => Err(End::gone()),
         Ok(Some(Err(e))) => Err(read_error_end(e)),
         Ok(Some(Ok(Message::Binary(bytes)))) => match decode::<AgentMsg>(&bytes) {
             Ok(AgentMsg::Hello(h)) if h.protocol_version != PROTOCOL_VERSION => Err(End::closing(
-                "disconnected",
+                Reason::Disconnected,
                 close::VERSION_MISMATCH,
                 format!(
                     "unsupported protocol version {}; this collector speaks {PROTOCOL_VERSION}",
@@ -120,24 +122,24 @@ pub async fn run(
                 ),
             )),
             Ok(AgentMsg::Hello(h)) if h.device_id != device => Err(End::closing(
-                "disconnected",
+                Reason::Disconnected,
                 close::POLICY,
                 format!("Hello names device `{}` but the token belongs to `{device}`", h.device_id),
             )),
             Ok(AgentMsg::Hello(h)) => Ok(h),
-            Ok(AgentMsg::Pulse(_)) => Err(End::closing("disconnected", close::PROTOCOL, "Pulse before Hello")),
+            Ok(AgentMsg::Pulse(_)) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Pulse before Hello")),
             Ok(AgentMsg::BellReport(_)) => {
-                Err(End::closing("disconnected", close::PROTOCOL, "BellReport before Hello"))
+                Err(End::closing(Reason::Disconnected, close::PROTOCOL, "BellReport before Hello"))
             }
             Err(e) => Err(decode_error_end(&bytes, e)),
         },
         Ok(Some(Ok(Message::Text(_)))) => Err(End::closing(
-            "disconnected",
+            Reason::Disconnected,
             close::UNSUPPORTED_DATA,
             "text frames are not accepted; send binary postcard messages",
         )),
         Ok(Some(Ok(Message::Close(_)))) => Err(End::gone()),
-        Ok(Some(Ok(_))) => Err(End::closing("disconnected", close::PROTOCOL, "expected Hello")),
+        Ok(Some(Ok(_))) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "expected Hello")),
     };
     let hello = match hello {
         Ok(h) => h,
@@ -156,9 +158,32 @@ pub async fn run(
         hello.interval_ms.clamp(pulsebell_proto::MIN_INTERVAL_MS, pulsebell_proto::MAX_INTERVAL_MS),
     ));
     let (tx, mut rx) = mpsc::channel(gw.limits.outbound_queue);
-    let Some(accepted) = gw.fleet.connect(&device, hello, tx) else {
-        info!(%peer, device, "device was revoked during the handshake");
-        return send_close(&mut ws, close::REVOKED, "device revoked").await;
+    if !gw.accepting() {
+        gw.fleet.stats.handshake_failed("unavailable");
+        return send_close(&mut ws, close::TRY_AGAIN_LATER, "collector cut off from its cluster; try again later")
+            .await;
+    }
+    // A generation newer than any other connection of this device, on any
+    // node (cluster mode: a compare-and-set in JetStream).
+    let floor = gw.fleet.generation_floor(&device);
+    let generation = match gw.fleet.store().claim(&device, gw.fleet.node(), floor).await {
+        Ok(g) => g,
+        Err(e) => {
+            info!(%peer, device, error = %e, "cannot claim the device's connection");
+            gw.fleet.stats.handshake_failed("unavailable");
+            return send_close(&mut ws, close::TRY_AGAIN_LATER, "collector store unavailable; try again later").await;
+        }
+    };
+    let accepted = match gw.fleet.connect(&device, hello, tx, generation) {
+        Ok(a) => a,
+        Err(Refused::Revoked) => {
+            info!(%peer, device, "device was revoked during the handshake");
+            return send_close(&mut ws, close::REVOKED, "device revoked").await;
+        }
+        Err(Refused::Superseded) => {
+            info!(%peer, device, generation, "a newer connection of the device exists");
+            return send_close(&mut ws, close::REPLACED, "replaced by a newer connection").await;
+        }
     };
     let generation = accepted.generation;
     info!(%peer, device, generation, "connected");
@@ -170,7 +195,7 @@ pub async fn run(
         generation,
     });
     if !send(&mut ws, &welcome).await {
-        gw.fleet.offline(&device, generation, "disconnected");
+        gw.ended(&device, generation, Reason::Disconnected).await;
         return;
     }
     {
@@ -196,18 +221,18 @@ pub async fn run(
                     match decode::<AgentMsg>(&bytes) {
                         Ok(AgentMsg::Pulse(p)) => {
                             if !gw.fleet.pulse(&device, generation, p) {
-                                break End::closing("disconnected", close::REPLACED, "replaced by a newer connection");
+                                break End::closing(Reason::Disconnected, close::REPLACED, "replaced by a newer connection");
                             }
                             silent_at = Instant::now() + accepted.offline_after;
                             armed = true;
                         }
                         Ok(AgentMsg::BellReport(r)) => gw.bells.on_report(&device, r).await,
-                        Ok(AgentMsg::Hello(_)) => break End::closing("disconnected", close::PROTOCOL, "second Hello on one connection"),
+                        Ok(AgentMsg::Hello(_)) => break End::closing(Reason::Disconnected, close::PROTOCOL, "second Hello on one connection"),
                         Err(e) => break decode_error_end(&bytes, e),
                     }
                 }
                 Some(Ok(Message::Text(_))) => break End::closing(
-                    "disconnected",
+                    Reason::Disconnected,
                     close::UNSUPPORTED_DATA,
                     "text frames are not accepted; send binary postcard messages",
                 ),
@@ -228,10 +253,7 @@ pub async fn run(
                     }
                     last_sent = Instant::now();
                 }
-                Some(Outbound::Close(code, reason)) => {
-                    let why = if code == close::REVOKED { "revoked" } else { "replaced" };
-                    break End::closing(why, code, reason);
-                }
+                Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text),
                 None => break End::gone(),
             },
             _ = ping.tick() => {
@@ -245,9 +267,9 @@ pub async fn run(
             }
             () = sleep_until(silent_at), if armed => {
                 armed = false;
-                gw.fleet.offline(&device, generation, "silent");
+                gw.fleet.offline(&device, generation, Reason::Silent);
             }
-            _ = shutdown.changed() => break End::closing("collector_shutdown", close::GOING_AWAY, "collector shutting down"),
+            _ = shutdown.changed() => break End::closing(Reason::CollectorShutdown, close::GOING_AWAY, "collector shutting down"),
         }
     };
     if let Some((code, reason)) = &end.close {
@@ -256,7 +278,7 @@ pub async fn run(
     } else {
         debug!(%peer, device, generation, "connection ended");
     }
-    gw.fleet.offline(&device, generation, end.reason);
+    gw.ended(&device, generation, end.reason).await;
 }
 
 fn now_us() -> u64 {

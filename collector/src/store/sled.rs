@@ -7,7 +7,8 @@
 //! - `bells_by_device`: device id, 0, id (u64 BE) → ()
 //! - `bells_pending`: id (u64 BE) → () for bells not in a final state
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
-//! - `outbox`: alert id (u64 BE) → [`crate::alerts::OutboxEntry`] (JSON)
+//! - `outbox`: alert id (u64 BE) → [`OutboxEntry`] (JSON)
+//! - `generations`: device id → newest connection generation (u64 BE)
 //! - `meta`: `instance` → random id of this database
 //! - `history`: device id, 0, hour (u32 BE) → that hour's minutes, `Vec<StoredBucket>` (postcard)
 //!
@@ -15,16 +16,23 @@
 //! without a migration.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use ::sled::transaction::{ConflictableTransactionError, TransactionError};
+use ::sled::{Transactional, Tree};
+use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{Transactional, Tree};
 
 use super::*;
 
-/// The sled-backed store.
+/// The sled-backed store. Cheap to clone (one database).
+#[derive(Clone)]
 pub struct SledStore {
-    db: sled::Db,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: ::sled::Db,
     enrolments: Tree,
     devices: Tree,
     bells: Tree,
@@ -34,15 +42,16 @@ pub struct SledStore {
     history: Tree,
     outbox: Tree,
     meta: Tree,
+    generations: Tree,
     instance: String,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
+    StoreError::db("sled", e.to_string())
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(db_err)
+    serde_json::to_vec(v).map_err(|e| StoreError::db("encoding a record", e))
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
@@ -77,14 +86,26 @@ impl SledStore {
     /// Opens (or creates) the database in `dir` with a page cache of
     /// `cache_bytes`.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<SledStore> {
-        let db = sled::Config::new()
+        Ok(SledStore { inner: Arc::new(Inner::open(dir, cache_bytes)?) })
+    }
+
+    /// Runs `f` on the blocking pool (sled flushes block).
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(|e| StoreError::db("sled task", e.to_string()))?
+    }
+}
+
+impl Inner {
+    fn open(dir: &Path, cache_bytes: u64) -> Result<Inner> {
+        let db = ::sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             // We flush explicitly where durability matters; sled's own
             // periodic flush covers the rest.
             .flush_every_ms(Some(1000))
             .open()
-            .map_err(|e| StoreError::Db(format!("cannot open sled at {}: {e}", dir.display())))?;
+            .map_err(|e| StoreError::db(format!("cannot open sled at {}", dir.display()), e))?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         let meta = tree("meta")?;
         let instance = match meta.get("instance").map_err(db_err)? {
@@ -95,7 +116,8 @@ impl SledStore {
                 id
             }
         };
-        Ok(SledStore {
+        Ok(Inner {
+            generations: tree("generations")?,
             enrolments: tree("enrolments")?,
             devices: tree("devices")?,
             bells: tree("bells")?,
@@ -115,13 +137,9 @@ impl SledStore {
     }
 }
 
-impl Store for SledStore {
-    fn put_enrolment(&self, e: &Enrolment) -> Result<()> {
-        self.put_enrolments(std::slice::from_ref(e))
-    }
-
+impl Inner {
     fn put_enrolments(&self, es: &[Enrolment]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let mut batch = ::sled::Batch::default();
         for e in es {
             batch.insert(e.device.as_bytes(), encode(e)?);
         }
@@ -148,7 +166,7 @@ impl Store for SledStore {
     }
 
     fn put_device_states(&self, states: &[(String, DeviceRecord)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let mut batch = ::sled::Batch::default();
         for (id, rec) in states {
             batch.insert(id.as_bytes(), encode(rec)?);
         }
@@ -247,7 +265,7 @@ impl Store for SledStore {
     }
 
     fn append_events(&self, events: &[EventRecord]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let mut batch = ::sled::Batch::default();
         for e in events {
             let mut key = Vec::with_capacity(16);
             key.extend_from_slice(&e.at_ms.to_be_bytes());
@@ -353,8 +371,8 @@ impl Store for SledStore {
         self.instance.clone()
     }
 
-    fn put_outbox(&self, entries: &[crate::alerts::OutboxEntry]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+    fn put_outbox(&self, entries: &[OutboxEntry]) -> Result<()> {
+        let mut batch = ::sled::Batch::default();
         for e in entries {
             batch.insert(&e.alert.id.to_be_bytes(), encode(e)?);
         }
@@ -362,7 +380,7 @@ impl Store for SledStore {
         self.flush_now()
     }
 
-    fn outbox(&self) -> Result<Vec<crate::alerts::OutboxEntry>> {
+    fn outbox(&self) -> Result<Vec<OutboxEntry>> {
         self.outbox
             .iter()
             .map(|kv| {
@@ -377,13 +395,193 @@ impl Store for SledStore {
         self.flush_now()
     }
 
+    fn claim(&self, device: &str, floor: u64) -> Result<u64> {
+        // Not flushed by itself (a reconnect storm would flush per device);
+        // sled's periodic flush and the device's state both carry it.
+        let next = self
+            .generations
+            .update_and_fetch(device.as_bytes(), |old| {
+                let n = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+                Some((n.max(floor) + 1).to_be_bytes().to_vec())
+            })
+            .map_err(db_err)?
+            .ok_or_else(|| db_err("generation counter missing"))?;
+        let bytes: [u8; 8] = next.as_ref().try_into().map_err(|_| db_err("generation counter corrupt"))?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    /// Replaces bell `id` if it still holds `old`; flushed. Whether it did.
+    fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool) -> Result<bool> {
+        let key = id.to_be_bytes();
+        let done = (&self.bells, &self.bells_pending)
+            .transaction(|(bells_t, pending_t)| {
+                if bells_t.get(key)?.as_ref() != Some(&old) {
+                    return Ok(false);
+                }
+                bells_t.insert(&key, new.as_slice())?;
+                if is_final {
+                    pending_t.remove(&key)?;
+                } else {
+                    pending_t.insert(&key, &[] as &[u8])?;
+                }
+                Ok::<bool, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(|e: TransactionError<()>| db_err(format!("{e:?}")))?;
+        if done {
+            self.flush_now()?;
+        }
+        Ok(done)
+    }
+
     fn flush(&self) -> Result<()> {
         self.flush_now()
     }
 }
 
+#[async_trait]
+impl Store for SledStore {
+    fn backend(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn put_enrolments(&self, es: &[Enrolment]) -> Result<()> {
+        let es = es.to_vec();
+        self.blocking(move |s| s.put_enrolments(&es)).await
+    }
+
+    async fn delete_device(&self, device: &str) -> Result<bool> {
+        let device = device.to_string();
+        self.blocking(move |s| s.delete_device(&device)).await
+    }
+
+    async fn enrolments(&self) -> Result<Vec<Enrolment>> {
+        self.blocking(|s| s.enrolments()).await
+    }
+
+    async fn put_device_states(&self, states: &[(String, DeviceRecord)]) -> Result<()> {
+        let states = states.to_vec();
+        self.blocking(move |s| s.put_device_states(&states)).await
+    }
+
+    async fn device_states(&self) -> Result<Vec<(String, DeviceRecord)>> {
+        self.blocking(|s| s.device_states()).await
+    }
+
+    async fn claim(&self, device: &str, _node: &str, floor: u64) -> Result<u64> {
+        self.inner.claim(device, floor)
+    }
+
+    async fn release(&self, _device: &str, _node: &str, _generation: u64, _reason: Reason) -> Result<bool> {
+        Ok(true)
+    }
+
+    async fn owners(&self) -> Result<Vec<(String, Owner)>> {
+        Ok(vec![])
+    }
+
+    async fn next_bell_id(&self) -> Result<u64> {
+        self.inner.next_bell_id()
+    }
+
+    async fn put_bells(&self, bells: &[BellRecord]) -> Result<()> {
+        let bells = bells.to_vec();
+        self.blocking(move |s| s.put_bells(&bells)).await
+    }
+
+    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>> {
+        let key = id.to_be_bytes();
+        loop {
+            let Some(old) = self.inner.bells.get(key).map_err(db_err)? else { return Ok(None) };
+            let current: BellRecord = decode("bells", &key, &old)?;
+            let Some(mut new) = change(&current) else { return Ok(None) };
+            new.version = current.version + 1;
+            let bytes = encode(&new)?;
+            let is_final = new.state.is_final();
+            if self.blocking(move |s| s.cas_bell(id, old, bytes, is_final)).await? {
+                return Ok(Some(new));
+            }
+        }
+    }
+
+    async fn bell(&self, id: u64) -> Result<Option<BellRecord>> {
+        self.inner.bell(id)
+    }
+
+    async fn bells(&self, device: Option<&str>, limit: usize) -> Result<Vec<BellRecord>> {
+        let device = device.map(str::to_string);
+        self.blocking(move |s| s.bells(device.as_deref(), limit)).await
+    }
+
+    async fn pending_bells(&self) -> Result<Vec<BellRecord>> {
+        self.blocking(|s| s.pending_bells()).await
+    }
+
+    async fn append_events(&self, events: &[EventRecord]) -> Result<()> {
+        let events = events.to_vec();
+        self.blocking(move |s| s.append_events(&events)).await
+    }
+
+    async fn events(&self, device: Option<&str>, since_ms: u64, limit: usize) -> Result<Vec<EventRecord>> {
+        let device = device.map(str::to_string);
+        self.blocking(move |s| s.events(device.as_deref(), since_ms, limit)).await
+    }
+
+    async fn put_history(&self, buckets: &[(String, Bucket)]) -> Result<()> {
+        let buckets = buckets.to_vec();
+        self.blocking(move |s| s.put_history(&buckets)).await
+    }
+
+    async fn history(&self, device: &str, since_minute: u32) -> Result<Vec<Bucket>> {
+        let device = device.to_string();
+        self.blocking(move |s| s.history(&device, since_minute)).await
+    }
+
+    async fn prune(&self, events_before_ms: u64, history_before_minute: u32, devices: &[String]) -> Result<usize> {
+        let devices = devices.to_vec();
+        self.blocking(move |s| {
+            let mut n = s.prune_events(events_before_ms)?;
+            for d in &devices {
+                n += s.prune_history(d, history_before_minute)?;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    async fn next_id(&self) -> Result<u64> {
+        self.inner.next_id()
+    }
+
+    fn instance_id(&self) -> String {
+        self.inner.instance_id()
+    }
+
+    async fn put_outbox(&self, entries: &[OutboxEntry]) -> Result<()> {
+        let entries = entries.to_vec();
+        self.blocking(move |s| s.put_outbox(&entries)).await
+    }
+
+    async fn outbox(&self) -> Result<Vec<OutboxEntry>> {
+        self.blocking(|s| s.outbox()).await
+    }
+
+    async fn lease_outbox(&self, _id: u64, _node: &str, _until_ms: u64) -> Result<bool> {
+        Ok(true)
+    }
+
+    async fn remove_outbox(&self, id: u64) -> Result<()> {
+        self.blocking(move |s| s.remove_outbox(id)).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.blocking(|s| s.flush()).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn bell(id: u64, device: &str, state: BellStatus) -> BellRecord {
@@ -402,61 +600,86 @@ mod tests {
             duration_ms: None,
             reason: None,
             transitions: vec![],
+            cancel_requested: false,
+            version: 0,
         }
     }
 
-    #[test]
-    fn everything_survives_reopen() {
+    #[tokio::test(flavor = "multi_thread")]
+    async fn everything_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SledStore::open(dir.path(), 1 << 20).unwrap();
-            s.put_enrolment(&Enrolment {
+            s.put_enrolments(&[Enrolment {
                 device: "a".into(),
                 key_id: "k".into(),
                 secret_sha256: "h".into(),
                 created_ms: 1,
-            })
+            }])
+            .await
             .unwrap();
-            s.put_device_states(&[("a".into(), DeviceRecord { last_seq: 7, ..Default::default() })]).unwrap();
-            let id1 = s.next_bell_id().unwrap();
-            let id2 = s.next_bell_id().unwrap();
+            s.put_device_states(&[("a".into(), DeviceRecord { last_seq: 7, ..Default::default() })]).await.unwrap();
+            let id1 = s.next_bell_id().await.unwrap();
+            let id2 = s.next_bell_id().await.unwrap();
             assert!(id2 > id1 && id1 >= 1);
-            s.put_bells(&[bell(id1, "a", BellStatus::Queued), bell(id2, "b", BellStatus::Succeeded)]).unwrap();
+            s.put_bells(&[bell(id1, "a", BellStatus::Queued), bell(id2, "b", BellStatus::Succeeded)]).await.unwrap();
             s.append_events(&[EventRecord {
                 device: "a".into(),
                 kind: EventKind::Online,
-                reason: "connected".into(),
+                reason: Reason::Connected,
                 at_ms: 5,
                 generation: 1,
             }])
+            .await
             .unwrap();
         }
         let s = SledStore::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(s.enrolments().unwrap().len(), 1);
-        assert_eq!(s.device_states().unwrap()[0].1.last_seq, 7);
-        let pending = s.pending_bells().unwrap();
+        assert_eq!(s.enrolments().await.unwrap().len(), 1);
+        assert_eq!(s.device_states().await.unwrap()[0].1.last_seq, 7);
+        let pending = s.pending_bells().await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].device, "a");
-        assert_eq!(s.bells(Some("b"), 10).unwrap().len(), 1);
-        assert_eq!(s.bells(None, 10).unwrap().len(), 2);
+        assert_eq!(s.bells(Some("b"), 10).await.unwrap().len(), 1);
+        assert_eq!(s.bells(None, 10).await.unwrap().len(), 2);
         // A final state leaves the pending index.
-        s.put_bells(&[bell(pending[0].id, "a", BellStatus::Cancelled)]).unwrap();
-        assert!(s.pending_bells().unwrap().is_empty());
-        assert_eq!(s.events(Some("a"), 0, 10).unwrap().len(), 1);
-        assert_eq!(s.events(Some("a"), 6, 10).unwrap().len(), 0);
-        assert_eq!(s.prune_events(6).unwrap(), 1);
+        s.put_bells(&[bell(pending[0].id, "a", BellStatus::Cancelled)]).await.unwrap();
+        assert!(s.pending_bells().await.unwrap().is_empty());
+        assert_eq!(s.events(Some("a"), 0, 10).await.unwrap().len(), 1);
+        assert_eq!(s.events(Some("a"), 6, 10).await.unwrap().len(), 0);
+        assert_eq!(s.prune(6, 0, &[]).await.unwrap(), 1);
         // History: minutes of one hour share a key; reads filter by minute.
         let h = pulsebell_proto::Health { cpu_permille: 500, ..Default::default() };
         let bucket = |m: u32| ("a".to_string(), crate::history::Accumulator::new(m, &h).bucket());
-        s.put_history(&[bucket(600), bucket(601), bucket(659), bucket(660), bucket(601)]).unwrap();
-        let got: Vec<u32> = s.history("a", 601).unwrap().iter().map(|b| b.minute).collect();
+        s.put_history(&[bucket(600), bucket(601), bucket(659), bucket(660), bucket(601)]).await.unwrap();
+        let got: Vec<u32> = s.history("a", 601).await.unwrap().iter().map(|b| b.minute).collect();
         assert_eq!(got, [601, 659, 660]);
-        assert_eq!(s.history("a", 0).unwrap()[0].cpu.avg, 50.0);
-        assert_eq!(s.prune_history("a", 660).unwrap(), 1, "the hour 600..659 goes");
-        assert_eq!(s.history("a", 0).unwrap().len(), 1);
-        assert!(s.delete_device("a").unwrap());
-        assert!(s.history("a", 0).unwrap().is_empty());
-        assert!(s.enrolments().unwrap().is_empty());
-        assert!(s.bell(12345).unwrap().is_none());
+        assert_eq!(s.history("a", 0).await.unwrap()[0].cpu.avg, 50.0);
+        assert_eq!(s.prune(0, 660, &["a".to_string()]).await.unwrap(), 1, "the hour 600..659 goes");
+        assert_eq!(s.history("a", 0).await.unwrap().len(), 1);
+        assert!(s.delete_device("a").await.unwrap());
+        assert!(s.history("a", 0).await.unwrap().is_empty());
+        assert!(s.enrolments().await.unwrap().is_empty());
+        assert!(s.bell(12345).await.unwrap().is_none());
+        // Generations grow past the floor and past every earlier claim.
+        assert_eq!(s.claim("a", "n", 0).await.unwrap(), 1);
+        assert_eq!(s.claim("a", "n", 7).await.unwrap(), 8);
+        assert_eq!(s.claim("a", "n", 0).await.unwrap(), 9);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bell_updates_compare_and_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        s.put_bells(&[bell(1, "a", BellStatus::Queued)]).await.unwrap();
+        let to_sent = |b: &BellRecord| {
+            (b.state == BellStatus::Queued).then(|| BellRecord { state: BellStatus::Sent, ..b.clone() })
+        };
+        let got = s.update_bell(1, &to_sent).await.unwrap().unwrap();
+        assert_eq!((got.state, got.version), (BellStatus::Sent, 1));
+        assert!(s.update_bell(1, &to_sent).await.unwrap().is_none(), "no longer queued");
+        assert!(s.update_bell(2, &to_sent).await.unwrap().is_none(), "no such bell");
+        let done = |b: &BellRecord| Some(BellRecord { state: BellStatus::Succeeded, ..b.clone() });
+        assert_eq!(s.update_bell(1, &done).await.unwrap().unwrap().version, 2);
+        assert!(s.pending_bells().await.unwrap().is_empty());
     }
 }

@@ -1,0 +1,654 @@
+//! The fleet: every enrolled device, who holds its connection and its last
+//! state, in memory; written back to the store in batches.
+//!
+//! - `mod.rs` (this file): the registry and its lock; connections, pulses,
+//!   offline, enrolment and revocation; changes from other nodes.
+//! - [`crate::liveness`]: the rules for online/offline and what each
+//!   change records (pure).
+//! - [`link`]: link-quality counters.
+//! - [`view`]: the JSON view of a device.
+//! - [`writeback`]: the batch written to the store every `write_back`.
+//!
+//! One `std::sync::Mutex` guards the map. Critical sections are short: no
+//! I/O, no await, no serialization; the store is called before taking the
+//! lock (enrolment, generation claims) or after releasing it (write-back),
+//! which is why a std mutex and not a tokio one.
+
+pub mod link;
+pub mod view;
+pub mod writeback;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pulsebell_proto::{close, Hello, Pulse, ServerMsg};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use crate::alerts::Raised;
+use crate::auth;
+use crate::clock::now_ms;
+use crate::config::Config;
+use crate::history::{Accumulator, Bucket};
+use crate::liveness::{self, Effects};
+use crate::store::{Change, DeviceRecord, Enrolment, EventRecord, Owner, Reason, Store};
+
+pub use view::{DeviceView, LinkView};
+
+/// Something for one device's connection task to do.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send this message.
+    Msg(ServerMsg),
+    /// Close with this code and reason; the device goes offline for the
+    /// typed reason.
+    Close(u16, String, Reason),
+}
+
+/// The live connection of a device on this node.
+#[derive(Debug)]
+struct Conn {
+    generation: u64,
+    tx: mpsc::Sender<Outbound>,
+}
+
+#[derive(Debug)]
+struct Device {
+    enrolment: Enrolment,
+    record: DeviceRecord,
+    conn: Option<Conn>,
+    /// Node holding the connection (this one when `conn` is set; another
+    /// node of the cluster otherwise).
+    owner: Option<String>,
+    dirty: bool,
+    /// The open history minute.
+    minute: Option<Accumulator>,
+}
+
+impl Device {
+    fn new(enrolment: Enrolment, record: DeviceRecord) -> Device {
+        Device { enrolment, record, conn: None, owner: None, dirty: false, minute: None }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    devices: HashMap<String, Device>,
+    /// Token key id → device id.
+    keys: HashMap<String, String>,
+    /// Devices with unsaved state.
+    dirty: Vec<String>,
+    /// Events not yet saved.
+    events: Vec<EventRecord>,
+    /// Finished history minutes not yet saved.
+    history: Vec<(String, Bucket)>,
+    /// Alerts not yet in the outbox.
+    alerts: Vec<Raised>,
+}
+
+impl State {
+    fn mark_dirty(&mut self, id: &str) {
+        if let Some(d) = self.devices.get_mut(id) {
+            if !d.dirty {
+                d.dirty = true;
+                self.dirty.push(id.to_string());
+            }
+        }
+    }
+
+    fn absorb(&mut self, fx: Effects) {
+        self.events.extend(fx.events);
+        self.alerts.extend(fx.alerts);
+    }
+}
+
+/// Counters for the admin API and metrics.
+#[derive(Debug)]
+pub struct Stats {
+    /// Pulses accepted into device state.
+    pub pulses_accepted: AtomicU64,
+    /// Pulses whose device state has been written to the store.
+    pub pulses_stored: AtomicU64,
+    /// Bytes of device messages received.
+    pub bytes_received: AtomicU64,
+    /// Device connections open now.
+    pub connections: AtomicU64,
+    /// Completed handshakes.
+    pub handshakes: AtomicU64,
+    /// Device records written to the store.
+    pub records_written: AtomicU64,
+    /// Records in the store that did not decode and were skipped.
+    pub corrupt_records: AtomicU64,
+    /// Failed handshakes by reason.
+    pub handshake_failures: Mutex<HashMap<&'static str, u64>>,
+    /// Latency of durable store writes (device batches, bells), seconds.
+    pub store_write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            pulses_accepted: AtomicU64::new(0),
+            pulses_stored: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
+            corrupt_records: AtomicU64::new(0),
+            handshake_failures: Mutex::new(HashMap::new()),
+            store_write_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+        }
+    }
+}
+
+impl Stats {
+    /// Counts one failed handshake.
+    pub fn handshake_failed(&self, reason: &'static str) {
+        *self.handshake_failures.lock().expect("stats lock").entry(reason).or_default() += 1;
+    }
+}
+
+/// Why authentication failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// No or malformed token.
+    Malformed,
+    /// No enrolment has this key id, or the secret is wrong.
+    Invalid,
+}
+
+/// What a connection learns when its Hello is accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// This connection's generation.
+    pub generation: u64,
+    /// Offline threshold for this device.
+    pub offline_after: Duration,
+}
+
+/// Why a Hello was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The device is no longer enrolled.
+    Revoked,
+    /// A newer connection of the device exists (on this or another node).
+    Superseded,
+}
+
+/// The fleet.
+pub struct Fleet {
+    config: Arc<Config>,
+    node: String,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+impl Fleet {
+    /// Loads enrolments, last states and connection owners from the store.
+    pub async fn load(config: Arc<Config>, node: String, store: Arc<dyn Store>) -> anyhow::Result<Arc<Fleet>> {
+        let enrolments = store.enrolments().await?;
+        let records = store.device_states().await?;
+        let owners = store.owners().await?;
+        let fleet =
+            Arc::new(Fleet { config, node, store, state: Mutex::new(State::default()), stats: Stats::default() });
+        {
+            let mut state = fleet.lock();
+            let mut records: HashMap<String, DeviceRecord> = records.into_iter().collect();
+            for e in enrolments {
+                let record = records.remove(&e.device).unwrap_or_default();
+                state.keys.insert(e.key_id.clone(), e.device.clone());
+                state.devices.insert(e.device.clone(), Device::new(e, record));
+            }
+            for (id, owner) in owners {
+                if let Some(d) = state.devices.get_mut(&id) {
+                    apply_owner(d, &id, &owner, &fleet.node);
+                }
+            }
+        }
+        Ok(fleet)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("fleet lock")
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Devices the store says are online but that no node holds, with the
+    /// time they must be declared offline if they have not come back (last
+    /// seen + offline_after): after a restart of a single collector.
+    pub fn stale_online(&self) -> Vec<(String, u64, u64)> {
+        let state = self.lock();
+        state
+            .devices
+            .iter()
+            .filter(|(_, d)| d.record.online && d.conn.is_none() && d.owner.is_none())
+            .map(|(id, d)| {
+                let after = self.offline_after_of(id, &d.record).as_millis() as u64;
+                (id.clone(), d.record.generation, d.record.last_seen_ms.unwrap_or(0) + after)
+            })
+            .collect()
+    }
+
+    fn offline_after_of(&self, id: &str, record: &DeviceRecord) -> Duration {
+        let interval = record.hello.as_ref().map_or(5000, |h| h.interval_ms);
+        self.config.offline_after(id, Duration::from_millis(u64::from(interval)))
+    }
+
+    /// Queues an alert raised outside the fleet (bells) for the next
+    /// write-back.
+    pub fn raise(&self, alert: Raised) {
+        self.lock().alerts.push(alert);
+    }
+
+    /// Checks a device token; returns the device id.
+    pub fn authenticate(&self, token: &str) -> Result<String, AuthError> {
+        let (key_id, secret) = auth::parse(token).ok_or(AuthError::Malformed)?;
+        let state = self.lock();
+        let device = state.keys.get(key_id).ok_or(AuthError::Invalid)?;
+        let d = state.devices.get(device).ok_or(AuthError::Invalid)?;
+        if auth::verify_secret(secret, &d.enrolment.secret_sha256) {
+            Ok(device.clone())
+        } else {
+            Err(AuthError::Invalid)
+        }
+    }
+
+    /// Enrolls `ids` (or re-enrolls them with a new token when `rotate`).
+    /// Durable before it returns. Returns each id with its token, or `None`
+    /// if the device exists and `rotate` is false.
+    pub async fn enroll(&self, ids: &[String], rotate: bool) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let mut new = vec![];
+        let mut out = vec![];
+        {
+            let state = self.lock();
+            for id in ids {
+                if state.devices.contains_key(id) && !rotate {
+                    out.push((id.clone(), None));
+                    continue;
+                }
+                let t = auth::generate();
+                new.push(Enrolment {
+                    device: id.clone(),
+                    key_id: t.key_id,
+                    secret_sha256: t.secret_sha256,
+                    created_ms: now_ms(),
+                });
+                out.push((id.clone(), Some(t.token)));
+            }
+        }
+        self.store.put_enrolments(&new).await?;
+        let mut state = self.lock();
+        for e in new {
+            apply_enrolment(&mut state, e);
+        }
+        Ok(out)
+    }
+
+    /// Removes a device and closes its connection. Durable. Whether it existed.
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<bool> {
+        let existed = self.store.delete_device(id).await?;
+        let removed = apply_removal(&mut self.lock(), id);
+        Ok(existed || removed)
+    }
+
+    /// The generation a new connection of `id` must exceed (the newest
+    /// this node knows of), for [`Store::claim`].
+    pub fn generation_floor(&self, id: &str) -> u64 {
+        self.lock().devices.get(id).map_or(0, |d| d.record.generation)
+    }
+
+    /// Registers connection `generation` (claimed from the store) after a
+    /// valid Hello. The previous connection of the device on this node, if
+    /// any, is told to close.
+    pub fn connect(
+        &self,
+        id: &str,
+        hello: Hello,
+        tx: mpsc::Sender<Outbound>,
+        generation: u64,
+    ) -> Result<Accepted, Refused> {
+        let now = now_ms();
+        let offline_after = self.config.offline_after(id, Duration::from_millis(u64::from(hello.interval_ms)));
+        let mut state = self.lock();
+        let d = state.devices.get_mut(id).ok_or(Refused::Revoked)?;
+        if generation <= d.record.generation {
+            return Err(Refused::Superseded);
+        }
+        if let Some(old) = d.conn.take() {
+            let _ = old.tx.try_send(Outbound::Close(
+                close::REPLACED,
+                "replaced by a newer connection".into(),
+                Reason::Replaced,
+            ));
+        }
+        d.conn = Some(Conn { generation, tx });
+        d.owner = Some(self.node.clone());
+        d.minute = None;
+        let fx = liveness::connected(id, &mut d.record, hello, generation, now);
+        info!(device = id, generation, "online");
+        state.absorb(fx);
+        state.mark_dirty(id);
+        self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        Ok(Accepted { generation, offline_after })
+    }
+
+    /// Records a pulse from connection `generation`. Returns false if that
+    /// connection is no longer the device's current one.
+    pub fn pulse(&self, id: &str, generation: u64, pulse: Pulse) -> bool {
+        let now = now_ms();
+        let mut state = self.lock();
+        let Some(d) = state.devices.get_mut(id) else { return false };
+        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
+            return false;
+        }
+        let fx = liveness::pulsed(id, &mut d.record, generation, &pulse, now);
+        let minute = (now / 60_000) as u32;
+        let finished = match &mut d.minute {
+            Some(acc) => acc.add(minute, &pulse.health),
+            None => {
+                d.minute = Some(Accumulator::new(minute, &pulse.health));
+                None
+            }
+        };
+        if let Some(b) = finished {
+            state.history.push((id.to_string(), b));
+        }
+        state.absorb(fx);
+        state.mark_dirty(id);
+        self.stats.pulses_accepted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Records a WebSocket ping round trip.
+    pub fn rtt(&self, id: &str, generation: u64, rtt: Duration) {
+        let mut state = self.lock();
+        if let Some(d) = state.devices.get_mut(id) {
+            if d.record.generation == generation {
+                d.record.link.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            }
+        }
+    }
+
+    /// Marks the device offline because connection `generation` went
+    /// silent (or ended, or the device is gone, for `reason`). Returns
+    /// whether the connection was the device's current one (then the
+    /// caller releases it in the store).
+    pub fn offline(&self, id: &str, generation: u64, reason: Reason) -> bool {
+        let mut state = self.lock();
+        let Some(d) = state.devices.get_mut(id) else { return false };
+        // Ordered by generation: an older connection cannot mark a newer
+        // one offline.
+        if d.record.generation != generation {
+            return false;
+        }
+        if reason != Reason::Silent && d.conn.as_ref().is_some_and(|c| c.generation == generation) {
+            d.conn = None;
+            d.owner = None;
+        }
+        let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
+        if !fx.events.is_empty() {
+            info!(device = id, generation, %reason, "offline");
+        }
+        state.absorb(fx);
+        state.mark_dirty(id);
+        true
+    }
+
+    /// Applies a change made by another node of the cluster.
+    pub fn apply(&self, change: &Change) {
+        let mut state = self.lock();
+        match change {
+            Change::Enrolled(e) => {
+                let same = state.devices.get(&e.device).is_some_and(|d| d.enrolment == *e);
+                if !same {
+                    apply_enrolment(&mut state, e.clone());
+                }
+            }
+            Change::Removed(id) => {
+                apply_removal(&mut state, id);
+            }
+            Change::Device(id, record) => {
+                let Some(d) = state.devices.get_mut(id) else { return };
+                // The node holding the connection writes the record; this
+                // node's copy wins while it holds it.
+                if d.conn.is_none() && record.generation >= d.record.generation {
+                    d.record = record.clone();
+                }
+            }
+            Change::Owner(id, owner) => {
+                if let Some(d) = state.devices.get_mut(id) {
+                    apply_owner(d, id, owner, &self.node);
+                }
+            }
+            Change::Bell(_) | Change::Node(_) | Change::Resynced(_) => {}
+        }
+    }
+
+    /// Marks `id`'s connection `generation` ended on another node for
+    /// `reason` (a lost collector), recording the event here: the caller
+    /// won the compare-and-set that ended it, so no other node records it.
+    pub fn ended_elsewhere(&self, id: &str, generation: u64, reason: Reason) {
+        let mut state = self.lock();
+        let Some(d) = state.devices.get_mut(id) else { return };
+        if d.conn.is_some() || d.record.generation > generation || d.owner.is_none() {
+            return;
+        }
+        d.record.generation = generation;
+        d.owner = None;
+        // Make sure the device counts as online in this generation, so the
+        // rule records exactly one offline event.
+        d.record.online = true;
+        let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
+        info!(device = id, generation, %reason, "offline");
+        state.absorb(fx);
+        state.mark_dirty(id);
+    }
+
+    /// The connection sender of a device connected to this node.
+    pub fn sender(&self, id: &str) -> Option<mpsc::Sender<Outbound>> {
+        self.lock().devices.get(id).and_then(|d| d.conn.as_ref()).map(|c| c.tx.clone())
+    }
+
+    /// Whether the device is enrolled.
+    pub fn exists(&self, id: &str) -> bool {
+        self.lock().devices.contains_key(id)
+    }
+
+    /// Ids of devices whose last Hello carried `tag`.
+    pub fn with_tag(&self, tag: &str) -> Vec<String> {
+        let state = self.lock();
+        let mut ids: Vec<String> = state
+            .devices
+            .iter()
+            .filter(|(_, d)| d.record.hello.as_ref().is_some_and(|h| h.tags.iter().any(|t| t == tag)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Number of enrolled devices.
+    pub fn len(&self) -> usize {
+        self.lock().devices.len()
+    }
+
+    /// Whether no device is enrolled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Enrolled devices and how many of them are online, without building
+    /// a view of each (the stats endpoint is polled at fleet scale).
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let online = state.devices.values().filter(|d| d.record.online && d.owner.is_some()).count();
+        (state.devices.len(), online)
+    }
+
+    /// Connections this node holds.
+    pub fn local_connections(&self) -> u64 {
+        self.lock().devices.values().filter(|d| d.conn.is_some()).count() as u64
+    }
+
+    /// Devices that `node` holds, with their generation.
+    pub fn held_by(&self, node: &str) -> Vec<(String, u64)> {
+        let state = self.lock();
+        state
+            .devices
+            .iter()
+            .filter(|(_, d)| d.owner.as_deref() == Some(node))
+            .map(|(id, d)| (id.clone(), d.record.generation))
+            .collect()
+    }
+
+    /// Views of every device, sorted by id.
+    pub fn views(&self) -> Vec<DeviceView> {
+        let now = now_ms();
+        let state = self.lock();
+        let mut views: Vec<DeviceView> = state.devices.iter().map(|(id, d)| self.view_of(id, d, now)).collect();
+        drop(state);
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        views
+    }
+
+    /// View of one device.
+    pub fn view(&self, id: &str) -> Option<DeviceView> {
+        let state = self.lock();
+        state.devices.get(id).map(|d| self.view_of(id, d, now_ms()))
+    }
+
+    fn view_of(&self, id: &str, d: &Device, now: u64) -> DeviceView {
+        let offline_after = self.offline_after_of(id, &d.record).as_millis() as u64;
+        view::build(id, &d.enrolment, &d.record, d.owner.as_deref(), offline_after, now)
+    }
+
+    /// History of `id` from `since_ms` on: stored minutes plus the open one.
+    pub async fn history(&self, id: &str, since_ms: u64) -> anyhow::Result<Option<Vec<Bucket>>> {
+        let open = {
+            let state = self.lock();
+            let Some(d) = state.devices.get(id) else { return Ok(None) };
+            d.minute.as_ref().map(Accumulator::bucket)
+        };
+        let since = (since_ms / 60_000) as u32;
+        let mut buckets = self.store.history(id, since).await?;
+        if let Some(b) = open {
+            if b.minute >= since && buckets.last().is_none_or(|last| last.minute < b.minute) {
+                buckets.push(b);
+            }
+        }
+        Ok(Some(buckets))
+    }
+
+    /// Ids of every enrolled device.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().devices.keys().cloned().collect()
+    }
+
+    /// Closes every connection of this node with `code` and marks their
+    /// devices offline for `reason` (graceful shutdown, or cut off from
+    /// the cluster). Returns the connections closed, to release.
+    pub fn close_all(&self, code: u16, text: &str, reason: Reason) -> Vec<(String, u64)> {
+        let mut state = self.lock();
+        let now = now_ms();
+        let mut fx = Effects::default();
+        let mut closed = vec![];
+        for (id, d) in state.devices.iter_mut() {
+            let Some(conn) = d.conn.take() else { continue };
+            let _ = conn.tx.try_send(Outbound::Close(code, text.to_string(), reason));
+            d.owner = None;
+            let e = liveness::ended(id, &mut d.record, conn.generation, reason, now);
+            fx.events.extend(e.events);
+            fx.alerts.extend(e.alerts);
+            closed.push((id.clone(), conn.generation));
+        }
+        state.absorb(fx);
+        for (id, _) in &closed {
+            state.mark_dirty(id);
+        }
+        closed
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+}
+
+fn apply_enrolment(state: &mut State, e: Enrolment) {
+    let id = e.device.clone();
+    state.keys.insert(e.key_id.clone(), id.clone());
+    match state.devices.get_mut(&id) {
+        Some(d) => {
+            // Rotation: the old token stops working, its connection too.
+            let old_key = std::mem::replace(&mut d.enrolment, e).key_id;
+            if let Some(conn) = &d.conn {
+                let _ = conn.tx.try_send(Outbound::Close(close::REVOKED, "token rotated".into(), Reason::Revoked));
+            }
+            if old_key != d.enrolment.key_id {
+                state.keys.remove(&old_key);
+            }
+        }
+        None => {
+            state.devices.insert(id, Device::new(e, DeviceRecord::default()));
+        }
+    }
+}
+
+fn apply_removal(state: &mut State, id: &str) -> bool {
+    let Some(mut d) = state.devices.remove(id) else { return false };
+    state.keys.remove(&d.enrolment.key_id);
+    if let Some(conn) = &d.conn {
+        let _ = conn.tx.try_send(Outbound::Close(close::REVOKED, "device revoked".into(), Reason::Revoked));
+    }
+    let generation = d.record.generation;
+    let fx = liveness::ended(id, &mut d.record, generation, Reason::Revoked, now_ms());
+    state.absorb(fx);
+    true
+}
+
+fn apply_owner(d: &mut Device, id: &str, owner: &Owner, me: &str) {
+    if let Some(conn) = &d.conn {
+        if owner.generation > conn.generation {
+            // A newer connection elsewhere: this one is replaced.
+            info!(device = id, generation = conn.generation, newer = owner.generation, "replaced on another node");
+            let _ = conn.tx.try_send(Outbound::Close(
+                close::REPLACED,
+                "replaced by a newer connection".into(),
+                Reason::Replaced,
+            ));
+            d.conn = None;
+        } else {
+            return; // this node holds the newest connection
+        }
+    }
+    if owner.generation >= d.record.generation {
+        d.record.generation = owner.generation;
+        d.owner = owner.node.clone().filter(|n| n != me || d.conn.is_some());
+        if owner.node.is_none() {
+            if let Some(reason) = owner.reason {
+                if d.record.online {
+                    d.record.online = false;
+                    d.record.last_offline_reason = Some(reason);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,128 @@
+//! The fleet against the in-memory store: generations, replacement,
+//! write-back, and changes from other nodes.
+
+use std::sync::Arc;
+
+use pulsebell_proto::{Health, Hello, Pulse};
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::store::{EventKind, MemoryStore};
+
+fn hello(id: &str) -> Hello {
+    Hello {
+        protocol_version: pulsebell_proto::PROTOCOL_VERSION,
+        device_id: id.into(),
+        agent_version: "t".into(),
+        boot_id: "boot".into(),
+        hostname: "h".into(),
+        arch: "x".into(),
+        os: "o".into(),
+        kernel: "k".into(),
+        board_model: None,
+        interval_ms: 1000,
+        tags: vec!["t".into()],
+        actions: vec![],
+    }
+}
+
+async fn fleet(node: &str) -> (Arc<Fleet>, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let fleet = Fleet::load(Arc::new(Config::default()), node.into(), store.clone()).await.unwrap();
+    fleet.enroll(&["d1".to_string()], false).await.unwrap();
+    (fleet, store)
+}
+
+async fn connect(f: &Fleet, id: &str) -> (u64, mpsc::Receiver<Outbound>) {
+    let (tx, rx) = mpsc::channel(8);
+    let g = f.store().claim(id, f.node(), f.generation_floor(id)).await.unwrap();
+    let a = f.connect(id, hello(id), tx, g).unwrap();
+    assert_eq!(a.generation, g);
+    (g, rx)
+}
+
+#[tokio::test]
+async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
+    let (f, store) = fleet("n1").await;
+    let (g1, mut rx1) = connect(&f, "d1").await;
+    assert!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }));
+    let (g2, _rx2) = connect(&f, "d1").await;
+    assert!(g2 > g1);
+    match rx1.try_recv() {
+        Ok(Outbound::Close(code, _, Reason::Replaced)) => assert_eq!(code, close::REPLACED),
+        other => panic!("old connection not told to close: {other:?}"),
+    }
+    assert!(!f.pulse("d1", g1, Pulse { seq: 2, health: Health::default() }), "old generation refused");
+    assert!(!f.offline("d1", g1, Reason::Disconnected), "old generation cannot end the new one");
+    assert_eq!(f.view("d1").unwrap().state, "online");
+    assert_eq!(f.view("d1").unwrap().node.as_deref(), Some("n1"));
+    // A stale claim (lower than what the fleet knows) is refused.
+    let (tx, _rx) = mpsc::channel(1);
+    assert_eq!(f.connect("d1", hello("d1"), tx, g1).unwrap_err(), Refused::Superseded);
+
+    assert!(f.offline("d1", g2, Reason::Disconnected));
+    let v = f.view("d1").unwrap();
+    assert_eq!((v.state.as_str(), v.node, v.last_offline_reason.as_deref()), ("offline", None, Some("disconnected")));
+
+    writeback::write_back(&f, None).await.unwrap();
+    let events: Vec<(EventKind, Reason, u64)> =
+        store.events(Some("d1"), 0, 100).await.unwrap().into_iter().map(|e| (e.kind, e.reason, e.generation)).collect();
+    assert_eq!(
+        events,
+        [
+            (EventKind::Online, Reason::Connected, g1),
+            (EventKind::Online, Reason::Connected, g2),
+            (EventKind::Offline, Reason::Disconnected, g2)
+        ]
+    );
+    let saved = store.device_states().await.unwrap();
+    assert_eq!(saved[0].1.generation, g2);
+    assert!(!saved[0].1.online);
+}
+
+#[tokio::test]
+async fn a_newer_owner_elsewhere_closes_the_local_connection() {
+    let (f, _store) = fleet("n1").await;
+    let (g1, mut rx) = connect(&f, "d1").await;
+    // Node n2 took the device over with a newer generation.
+    f.apply(&Change::Owner("d1".into(), Owner { node: Some("n2".into()), generation: g1 + 1, at_ms: 0, reason: None }));
+    assert!(matches!(rx.try_recv(), Ok(Outbound::Close(_, _, Reason::Replaced))));
+    assert!(f.sender("d1").is_none());
+    let v = f.view("d1").unwrap();
+    assert_eq!((v.node.as_deref(), v.generation), (Some("n2"), g1 + 1));
+    // The session's own end arrives later and changes nothing.
+    assert!(!f.offline("d1", g1, Reason::Replaced));
+    assert_eq!(f.held_by("n2"), [("d1".to_string(), g1 + 1)]);
+}
+
+#[tokio::test]
+async fn a_lost_nodes_device_is_declared_offline_once() {
+    let (f, store) = fleet("n1").await;
+    f.apply(&Change::Device(
+        "d1".into(),
+        DeviceRecord { online: true, generation: 4, last_seen_ms: Some(1), ..Default::default() },
+    ));
+    f.apply(&Change::Owner("d1".into(), Owner { node: Some("n3".into()), generation: 4, at_ms: 0, reason: None }));
+    assert_eq!(f.view("d1").unwrap().state, "online");
+    f.ended_elsewhere("d1", 4, Reason::CollectorLost);
+    f.ended_elsewhere("d1", 4, Reason::CollectorLost);
+    let v = f.view("d1").unwrap();
+    assert_eq!((v.state.as_str(), v.last_offline_reason.as_deref()), ("offline", Some("collector_lost")));
+    writeback::write_back(&f, None).await.unwrap();
+    let events = store.events(Some("d1"), 0, 100).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].kind, events[0].reason, events[0].generation),
+        (EventKind::Offline, Reason::CollectorLost, 4)
+    );
+}
+
+#[tokio::test]
+async fn revocation_closes_and_forgets() {
+    let (f, _store) = fleet("n1").await;
+    let (_g, mut rx) = connect(&f, "d1").await;
+    assert!(f.revoke("d1").await.unwrap());
+    assert!(matches!(rx.try_recv(), Ok(Outbound::Close(_, _, Reason::Revoked))));
+    assert!(!f.exists("d1"));
+    assert!(!f.revoke("d1").await.unwrap());
+}

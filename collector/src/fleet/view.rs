@@ -1,0 +1,123 @@
+//! What the admin API shows of a device: [`DeviceView`] (`status --json`,
+//! `show --json`, the dashboard, metrics).
+
+use pulsebell_proto::view::HealthView;
+use serde::{Deserialize, Serialize};
+
+use super::link;
+use crate::clock::rfc3339;
+use crate::store::{DeviceRecord, Enrolment};
+
+/// The JSON view of a device (`status --json`, `show --json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Device id.
+    pub id: String,
+    /// `online`, `offline` or `never_seen`.
+    pub state: String,
+    /// Last pulse, RFC 3339.
+    pub last_seen: Option<String>,
+    /// Agent version.
+    pub agent_version: Option<String>,
+    /// Hostname.
+    pub hostname: Option<String>,
+    /// CPU architecture.
+    pub arch: Option<String>,
+    /// OS.
+    pub os: Option<String>,
+    /// Kernel.
+    pub kernel: Option<String>,
+    /// Board model.
+    pub board_model: Option<String>,
+    /// Boot id.
+    pub boot_id: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Actions the agent allows.
+    pub actions: Vec<String>,
+    /// Pulse interval, ms.
+    pub interval_ms: Option<u32>,
+    /// Offline threshold, ms.
+    pub offline_after_ms: u64,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Connection generation.
+    pub generation: u64,
+    /// Id of the collector node holding the connection; null when offline.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Why it last went offline.
+    #[serde(default)]
+    pub last_offline_reason: Option<String>,
+    /// When enrolled, RFC 3339.
+    pub enrolled_at: String,
+    /// Last health, in human units.
+    pub health: Option<HealthView>,
+    /// Link quality.
+    pub link: LinkView,
+}
+
+/// Link quality in the device view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkView {
+    /// Gaps in sequence numbers.
+    pub missed_pulses: u64,
+    /// Pulses that came more than 1.5 intervals after the previous one.
+    pub late_pulses: u64,
+    /// Reconnections in the last 24 h.
+    pub reconnects_24h: u64,
+    /// Last ping round trip, ms.
+    pub rtt_ms: Option<f64>,
+    /// Whether the link looks unreliable.
+    pub flaky: bool,
+}
+
+/// Builds the view. `node`: who holds the connection, if anyone.
+pub fn build(
+    id: &str,
+    enrolment: &Enrolment,
+    r: &DeviceRecord,
+    node: Option<&str>,
+    offline_after_ms: u64,
+    now: u64,
+) -> DeviceView {
+    let h = r.hello.as_ref();
+    let online = r.online && node.is_some();
+    let state = if r.last_seen_ms.is_none() {
+        "never_seen"
+    } else if online {
+        "online"
+    } else {
+        "offline"
+    };
+    let reconnects_24h = link::reconnects_24h(&r.link, now);
+    DeviceView {
+        id: id.to_string(),
+        state: state.to_string(),
+        last_seen: r.last_seen_ms.map(rfc3339),
+        agent_version: h.map(|h| h.agent_version.clone()),
+        hostname: h.map(|h| h.hostname.clone()),
+        arch: h.map(|h| h.arch.clone()),
+        os: h.map(|h| h.os.clone()),
+        kernel: h.map(|h| h.kernel.clone()),
+        board_model: h.and_then(|h| h.board_model.clone()),
+        boot_id: h.map(|h| h.boot_id.clone()),
+        tags: h.map(|h| h.tags.clone()).unwrap_or_default(),
+        actions: h.map(|h| h.actions.clone()).unwrap_or_default(),
+        interval_ms: h.map(|h| h.interval_ms),
+        offline_after_ms,
+        connected: node.is_some(),
+        generation: r.generation,
+        node: if online { node.map(str::to_string) } else { None },
+        last_offline_reason: if online { None } else { r.last_offline_reason.map(|r| r.as_str().to_string()) },
+        enrolled_at: rfc3339(enrolment.created_ms),
+        health: r.health.as_ref().map(HealthView::from),
+        link: LinkView {
+            missed_pulses: r.link.missed_pulses,
+            late_pulses: r.link.late_pulses,
+            reconnects_24h,
+            rtt_ms: r.link.rtt_ms,
+            flaky: link::flaky(&r.link, reconnects_24h),
+        },
+    }
+}

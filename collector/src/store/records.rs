@@ -1,0 +1,349 @@
+//! The records the collector keeps: what a [`super::Store`] reads and
+//! writes. Plain data, serialized as JSON (sled) or JSON in JetStream, so a
+//! record can gain a field (`#[serde(default)]`) without a migration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use pulsebell_proto::{Health, Hello};
+use serde::{Deserialize, Serialize};
+
+/// Why a device's liveness changed: the reason of an [`EventRecord`] and a
+/// device's `last_offline_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Online: the device connected and said Hello.
+    Connected,
+    /// Online: a silent device pulsed again on its open connection.
+    Pulse,
+    /// Offline: the connection ended without the agent saying why.
+    Disconnected,
+    /// Offline: no pulse for `offline_after`.
+    Silent,
+    /// Offline: the device was revoked or its token rotated.
+    Revoked,
+    /// Offline: a newer connection of the device took over.
+    Replaced,
+    /// Offline: the collector holding the connection shut down.
+    CollectorShutdown,
+    /// Offline: the collector holding the connection died (cluster mode).
+    CollectorLost,
+    /// Offline: the collector holding it was cut off from the cluster.
+    CollectorFenced,
+    /// A reason written by a newer version of the collector.
+    #[serde(other)]
+    Unknown,
+}
+
+impl Reason {
+    /// The snake_case name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Connected => "connected",
+            Reason::Pulse => "pulse",
+            Reason::Disconnected => "disconnected",
+            Reason::Silent => "silent",
+            Reason::Revoked => "revoked",
+            Reason::Replaced => "replaced",
+            Reason::CollectorShutdown => "collector_shutdown",
+            Reason::CollectorLost => "collector_lost",
+            Reason::CollectorFenced => "collector_fenced",
+            Reason::Unknown => "unknown",
+        }
+    }
+
+    /// Whether an offline for this reason is worth an alert (the device's
+    /// problem, not the collector's own restart or an operator's action).
+    pub fn alerts(self) -> bool {
+        matches!(self, Reason::Silent | Reason::Disconnected)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device's enrolment: who may connect as this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// Device id.
+    pub device: String,
+    /// Public part of the token, used to find the enrolment.
+    pub key_id: String,
+    /// SHA-256 of the token's secret part, hex.
+    pub secret_sha256: String,
+    /// When it was enrolled, Unix ms.
+    pub created_ms: u64,
+}
+
+/// Link-quality counters of one device.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Pulses received.
+    #[serde(default)]
+    pub pulses: u64,
+    /// Pulses that never arrived (gaps in sequence numbers).
+    pub missed_pulses: u64,
+    /// Pulses that arrived more than 1.5 intervals after the previous one.
+    pub late_pulses: u64,
+    /// Connection times in the last 24 h, Unix ms (bounded).
+    pub connects_ms: Vec<u64>,
+    /// Last measured WebSocket ping round trip, ms.
+    pub rtt_ms: Option<f64>,
+}
+
+/// The last known state of a device, written back periodically.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Facts from the last Hello.
+    pub hello: Option<Hello>,
+    /// The last health sample.
+    pub health: Option<Health>,
+    /// Last pulse sequence number.
+    pub last_seq: u32,
+    /// Time of the last pulse (or Hello), Unix ms.
+    pub last_seen_ms: Option<u64>,
+    /// Connection generation of the newest connection.
+    pub generation: u64,
+    /// Whether the device was online at the time of writing.
+    pub online: bool,
+    /// Why it last went offline.
+    #[serde(default)]
+    pub last_offline_reason: Option<Reason>,
+    /// Link quality.
+    #[serde(default)]
+    pub link: LinkStats,
+}
+
+/// States of a bell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BellStatus {
+    /// Accepted, waiting for the device.
+    Queued,
+    /// Written to the device's connection.
+    Sent,
+    /// The agent started the action.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, or could not run.
+    Failed,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Refused by the agent.
+    Rejected,
+    /// Cancelled by an operator.
+    Cancelled,
+    /// Its TTL passed before delivery.
+    Expired,
+}
+
+impl BellStatus {
+    /// Whether no further transition can happen.
+    pub fn is_final(self) -> bool {
+        !matches!(self, BellStatus::Queued | BellStatus::Sent | BellStatus::Running)
+    }
+
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BellStatus::Queued => "queued",
+            BellStatus::Sent => "sent",
+            BellStatus::Running => "running",
+            BellStatus::Succeeded => "succeeded",
+            BellStatus::Failed => "failed",
+            BellStatus::TimedOut => "timed_out",
+            BellStatus::Rejected => "rejected",
+            BellStatus::Cancelled => "cancelled",
+            BellStatus::Expired => "expired",
+        }
+    }
+
+    /// All states, for metrics.
+    pub const ALL: [BellStatus; 9] = [
+        BellStatus::Queued,
+        BellStatus::Sent,
+        BellStatus::Running,
+        BellStatus::Succeeded,
+        BellStatus::Failed,
+        BellStatus::TimedOut,
+        BellStatus::Rejected,
+        BellStatus::Cancelled,
+        BellStatus::Expired,
+    ];
+}
+
+/// One state change of a bell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// New state.
+    pub state: BellStatus,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// Extra detail (who cancelled, why it expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A bell and everything that happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BellRecord {
+    /// Id.
+    pub id: u64,
+    /// Target device.
+    pub device: String,
+    /// Action name.
+    pub action: String,
+    /// Parameters.
+    pub params: BTreeMap<String, String>,
+    /// Current state.
+    pub state: BellStatus,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+    /// Expires if not delivered by then, Unix ms.
+    pub expires_ms: u64,
+    /// Run-time limit asked for, ms.
+    pub timeout_ms: Option<u32>,
+    /// Exit code, once known.
+    pub exit_code: Option<i32>,
+    /// Output tail.
+    pub output: String,
+    /// Run time, once known.
+    pub duration_ms: Option<u64>,
+    /// Why rejected, failed, expired or cancelled.
+    pub reason: Option<String>,
+    /// Every state change in order.
+    pub transitions: Vec<Transition>,
+    /// An operator asked to cancel it while it was sent or running; the
+    /// node holding the device's connection passes that on to the agent.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// Number of changes written so far: a newer copy has a larger one.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// Kind of a liveness event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The device connected and said Hello.
+    Online,
+    /// The device stopped being online.
+    Offline,
+}
+
+/// A liveness transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Device id.
+    pub device: String,
+    /// Online or offline.
+    pub kind: EventKind,
+    /// Why.
+    pub reason: Reason,
+    /// When, Unix ms.
+    pub at_ms: u64,
+    /// Connection generation it belongs to.
+    pub generation: u64,
+}
+
+/// Who holds a device's connection (cluster mode): the node and the
+/// connection generation. Generations only grow, cluster-wide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Node holding the connection; `None` once it ended.
+    pub node: Option<String>,
+    /// Generation of the newest connection.
+    pub generation: u64,
+    /// When this was written, Unix ms.
+    pub at_ms: u64,
+    /// Why the connection ended, once it did.
+    #[serde(default)]
+    pub reason: Option<Reason>,
+}
+
+/// A collector node's heartbeat (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// Device connections it holds.
+    pub devices: u64,
+    /// Last heartbeat, Unix ms.
+    pub heartbeat_ms: u64,
+    /// When it started, Unix ms.
+    pub started_ms: u64,
+    /// Its device endpoint, for operators.
+    #[serde(default)]
+    pub device_addr: Option<String>,
+}
+
+/// What happened, for alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The device went offline.
+    DeviceOffline,
+    /// The device is online again after being offline.
+    DeviceOnline,
+    /// Under-voltage appeared (now).
+    UnderVoltage,
+    /// Frequency capping, throttling or the soft temperature limit appeared (now).
+    Throttled,
+    /// A bell ended failed or timed out.
+    BellFailed,
+}
+
+impl AlertKind {
+    /// The snake_case name (config `events` values).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::DeviceOffline => "device_offline",
+            AlertKind::DeviceOnline => "device_online",
+            AlertKind::UnderVoltage => "under_voltage",
+            AlertKind::Throttled => "throttled",
+            AlertKind::BellFailed => "bell_failed",
+        }
+    }
+}
+
+/// An alert as sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Outbox id.
+    pub id: u64,
+    /// Stable across retries and restarts: receivers deduplicate on it.
+    pub idempotency_key: String,
+    /// What happened.
+    pub kind: AlertKind,
+    /// Which device.
+    pub device: String,
+    /// When, RFC 3339.
+    pub at: String,
+    /// Human summary.
+    pub summary: String,
+    /// Kind-specific details (reason, generation, bell id, flags).
+    pub details: serde_json::Value,
+}
+
+/// An outbox entry: the alert and the sinks that still need it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// The alert.
+    pub alert: Alert,
+    /// Sink names still to deliver to (`webhook:<url>`, `command`).
+    pub pending: Vec<String>,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Not before, Unix ms.
+    pub next_attempt_ms: u64,
+    /// Last error, for `show` and logs.
+    pub last_error: Option<String>,
+}
