@@ -416,6 +416,35 @@ impl Collector {
         Collector::launch(dir, Some(path))
     }
 
+    /// A collector in cluster mode on `nats_urls` as node `node_id`, with
+    /// `config_toml` (top-level keys) added. With `share`, that collector's
+    /// admin token and TLS material are copied into this one's data dir
+    /// first, so the nodes share one token and one CA (as the README says
+    /// to do by hand).
+    pub fn start_cluster_node(
+        dir: &Path,
+        nats_urls: &[String],
+        node_id: &str,
+        share: Option<&Collector>,
+        config_toml: &str,
+    ) -> Collector {
+        let data_dir = dir.join("collector-data");
+        fs::create_dir_all(&data_dir).expect("create data dir");
+        if let Some(other) = share {
+            fs::copy(other.data_dir().join("admin.token"), data_dir.join("admin.token")).expect("copy admin.token");
+            let tls = data_dir.join("tls");
+            fs::create_dir_all(&tls).expect("create tls dir");
+            for e in fs::read_dir(other.data_dir().join("tls")).expect("read tls dir") {
+                let e = e.expect("tls dir entry");
+                fs::copy(e.path(), tls.join(e.file_name())).expect("copy tls file");
+            }
+        }
+        let urls: Vec<String> = nats_urls.iter().map(|u| toml_str(u)).collect();
+        let config =
+            format!("{config_toml}\n[cluster]\nnats_urls = [{}]\nnode_id = {}\n", urls.join(", "), toml_str(node_id));
+        Collector::start_with_config(dir, &config)
+    }
+
     fn launch(dir: &Path, config: Option<PathBuf>) -> Collector {
         let data_dir = dir.join("collector-data");
         let log = Log::new("collector", dir.join("collector.log"));
@@ -692,6 +721,9 @@ pub struct AgentOpts {
     pub ca_file: Option<PathBuf>,
     /// `collector_url`; `None` uses [`Collector::device_url`].
     pub collector_url: Option<String>,
+    /// `collector_urls` (cluster failover); when set, `collector_url` is not
+    /// written.
+    pub collector_urls: Vec<String>,
     /// TOML appended to the generated config (e.g. `[actions.x]` tables).
     pub extra_toml: String,
 }
@@ -703,6 +735,7 @@ impl Default for AgentOpts {
             tags: vec![],
             ca_file: None,
             collector_url: None,
+            collector_urls: vec![],
             extra_toml: String::new(),
         }
     }
@@ -767,9 +800,15 @@ impl Agent {
         let ca_file = opts.ca_file.clone().unwrap_or_else(|| collector.ca_file().to_path_buf());
         let url = opts.collector_url.clone().unwrap_or_else(|| collector.device_url());
         let tags: Vec<String> = opts.tags.iter().map(|t| toml_str(t)).collect();
+        let url_line = if opts.collector_urls.is_empty() {
+            format!("collector_url = {}", toml_str(&url))
+        } else {
+            let urls: Vec<String> = opts.collector_urls.iter().map(|u| toml_str(u)).collect();
+            format!("collector_urls = [{}]", urls.join(", "))
+        };
         let config_text = format!(
-            "collector_url = {}\ndevice_id = {}\ntoken_file = {}\nca_file = {}\ninterval = \"{}ms\"\ntags = [{}]\nstate_dir = {}\n{}\n",
-            toml_str(&url),
+            "{}\ndevice_id = {}\ntoken_file = {}\nca_file = {}\ninterval = \"{}ms\"\ntags = [{}]\nstate_dir = {}\n{}\n",
+            url_line,
             toml_str(id),
             toml_str(&token_file.to_string_lossy()),
             toml_str(&ca_file.to_string_lossy()),

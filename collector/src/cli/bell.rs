@@ -121,11 +121,25 @@ pub async fn list(client: &Client, device: Option<&str>, json: bool) -> anyhow::
     Ok(())
 }
 
-/// `bell-show ID [--json]`.
-pub async fn show(client: &Client, id: u64, json: bool) -> anyhow::Result<()> {
-    let b: BellView = client.get(&format!("/v1/bells/{id}")).await?;
+/// `bell-show ID [--wait [--timeout D]] [--json]`; with `--wait`, exit 0
+/// only if the bell succeeded.
+pub async fn show(client: &Client, id: u64, wait: Option<Duration>, json: bool) -> anyhow::Result<i32> {
+    let path = match wait {
+        Some(w) => format!("/v1/bells/{id}?wait_ms={}", w.as_millis()),
+        None => format!("/v1/bells/{id}"),
+    };
+    let b: BellView = client.get(&path).await?;
+    let code = match wait {
+        Some(_) if b.state != BellStatus::Succeeded => 1,
+        _ => 0,
+    };
+    show_view(&b, json)?;
+    Ok(code)
+}
+
+fn show_view(b: &BellView, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&b)?);
+        println!("{}", serde_json::to_string_pretty(b)?);
         return Ok(());
     }
     println!("bell {} · {} on {}", b.id, b.action, b.device);

@@ -158,6 +158,12 @@ pub enum Command {
     BellShow {
         /// Bell id.
         id: u64,
+        /// Wait until it ends (exit 0 only if it succeeded).
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -309,9 +315,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             bell::list(&client()?, device.as_deref(), json).await?;
             Ok(0)
         }
-        Command::BellShow { id, json } => {
-            bell::show(&client()?, id, json).await?;
-            Ok(0)
+        Command::BellShow { id, wait, timeout, json } => {
+            bell::show(&client()?, id, wait.then_some(timeout), json).await
         }
         Command::Cancel { id } => {
             bell::cancel(&client()?, id).await?;

@@ -321,7 +321,9 @@ impl Fleet {
         let offline_after = self.config.offline_after(id, Duration::from_millis(u64::from(hello.interval_ms)));
         let mut state = self.lock();
         let d = state.devices.get_mut(id).ok_or(Refused::Revoked)?;
-        if generation <= d.record.generation {
+        // Equal is this very claim, echoed back by the store's watch before
+        // the Hello got here (each generation is claimed exactly once).
+        if generation < d.record.generation || d.conn.as_ref().is_some_and(|c| c.generation >= generation) {
             return Err(Refused::Superseded);
         }
         if let Some(old) = d.conn.take() {
@@ -440,14 +442,11 @@ impl Fleet {
     pub fn ended_elsewhere(&self, id: &str, generation: u64, reason: Reason) {
         let mut state = self.lock();
         let Some(d) = state.devices.get_mut(id) else { return };
-        if d.conn.is_some() || d.record.generation > generation || d.owner.is_none() {
+        if d.conn.is_some() || d.record.generation > generation {
             return;
         }
         d.record.generation = generation;
         d.owner = None;
-        // Make sure the device counts as online in this generation, so the
-        // rule records exactly one offline event.
-        d.record.online = true;
         let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
         info!(device = id, generation, %reason, "offline");
         state.absorb(fx);
@@ -638,15 +637,9 @@ fn apply_owner(d: &mut Device, id: &str, owner: &Owner, me: &str) {
     }
     if owner.generation >= d.record.generation {
         d.record.generation = owner.generation;
+        // Without an owner the device shows offline at once; the node that
+        // ended the connection writes the record with the reason.
         d.owner = owner.node.clone().filter(|n| n != me || d.conn.is_some());
-        if owner.node.is_none() {
-            if let Some(reason) = owner.reason {
-                if d.record.online {
-                    d.record.online = false;
-                    d.record.last_offline_reason = Some(reason);
-                }
-            }
-        }
     }
 }
 

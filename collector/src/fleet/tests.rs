@@ -59,6 +59,8 @@ async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
     // A stale claim (lower than what the fleet knows) is refused.
     let (tx, _rx) = mpsc::channel(1);
     assert_eq!(f.connect("d1", hello("d1"), tx, g1).unwrap_err(), Refused::Superseded);
+    let (tx, _rx) = mpsc::channel(1);
+    assert_eq!(f.connect("d1", hello("d1"), tx, g2).unwrap_err(), Refused::Superseded, "one claim, one connection");
 
     assert!(f.offline("d1", g2, Reason::Disconnected));
     let v = f.view("d1").unwrap();

@@ -134,6 +134,11 @@ struct Buckets {
 /// it tried.
 async fn connect(cfg: &ClusterConfig, node: &str) -> anyhow::Result<async_nats::Client> {
     let urls = cfg.nats_urls.join(",");
+    let addrs: Vec<async_nats::ServerAddr> = cfg
+        .nats_urls
+        .iter()
+        .map(|u| u.parse().map_err(|e| anyhow::anyhow!("cluster.nats_urls: `{u}` is not a NATS URL: {e}")))
+        .collect::<anyhow::Result<_>>()?;
     let mut delay = Duration::from_millis(500);
     loop {
         let mut opts = async_nats::ConnectOptions::new()
@@ -156,7 +161,7 @@ async fn connect(cfg: &ClusterConfig, node: &str) -> anyhow::Result<async_nats::
         if let Some(path) = &cfg.nats_ca_file {
             opts = opts.add_root_certificates(path.clone());
         }
-        match opts.connect(urls.as_str()).await {
+        match opts.connect(addrs.as_slice()).await {
             Ok(c) => return Ok(c),
             Err(e) => {
                 warn!(urls = %urls, error = %e, retry_in = ?delay, "cannot reach NATS (cluster.nats_urls); retrying");

@@ -1,0 +1,273 @@
+//! Cluster mode end to end: real NATS JetStream servers (a 3-node cluster
+//! on loopback), three real collectors on it, real agents.
+//!
+//! Skipped with a message when no `nats-server` ≥ 2.10 is installed, unless
+//! `PULSEBELL_REQUIRE_NATS=1` (CI), where a missing server fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pulsebell_tests::nats::{nats_or_skip, NatsCluster};
+use pulsebell_tests::serde_json::Value;
+use pulsebell_tests::{find_device, toml_str, wait_until, Agent, AgentOpts, Collector};
+
+/// How long a lost collector's devices may take to be back (the goal).
+const FAILOVER: Duration = Duration::from_secs(15);
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("pulsebell-cluster-").tempdir().expect("temp dir")
+}
+
+/// Three collectors on a 3-server NATS cluster; each collector knows every
+/// NATS server.
+struct Fixture {
+    nats: NatsCluster,
+    nodes: Vec<Collector>,
+}
+
+impl Fixture {
+    fn start(root: &Path) -> Fixture {
+        let nats_dir = root.join("nats");
+        fs::create_dir_all(&nats_dir).expect("nats dir");
+        let nats = NatsCluster::start(3, &nats_dir);
+        let urls = nats.urls();
+        let mut nodes: Vec<Collector> = vec![];
+        for i in 0..3 {
+            let dir = root.join(format!("c{}", i + 1));
+            fs::create_dir_all(&dir).expect("node dir");
+            let node = Collector::start_cluster_node(&dir, &urls, &format!("c{}", i + 1), nodes.first(), "");
+            nodes.push(node);
+        }
+        Fixture { nats, nodes }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Collector::device_url).collect()
+    }
+}
+
+fn node_of(d: &Value) -> Option<String> {
+    d.get("node").and_then(Value::as_str).map(str::to_string)
+}
+
+/// `echo run >> file` as an action: one line per run.
+fn counting_action(name: &str, file: &Path, sleep_secs: u32) -> String {
+    let script = format!("echo run >> '{}'; sleep {sleep_secs}; echo done", file.display());
+    format!("\n[actions.{name}]\ncommand = [\"sh\", \"-c\", {}]\n", toml_str(&script))
+}
+
+fn lines(path: &Path) -> usize {
+    fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// Waits until every node lists every device in `want` online on the
+/// given node (`None`: any node but `not_on`).
+fn wait_placement(nodes: &[&Collector], want: &BTreeMap<String, Option<String>>, not_on: Option<&str>, t: Duration) {
+    for (i, c) in nodes.iter().enumerate() {
+        wait_until(&format!("node {i} to list every device online where expected"), t, || {
+            let all = c.try_status()?;
+            for (id, node) in want {
+                let d = find_device(&all, id).ok_or(format!("{id} missing"))?;
+                if d["state"] != "online" {
+                    return Err(format!("{id} is {}", d["state"]));
+                }
+                let on = node_of(d);
+                match node {
+                    Some(n) if on.as_deref() != Some(n.as_str()) => return Err(format!("{id} on {on:?}, want {n}")),
+                    None if on.is_none() || on.as_deref() == not_on => return Err(format!("{id} on {on:?}")),
+                    _ => {}
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// (1) every node lists every device online with the right `node`;
+/// (2) a bell rung on node 1 for a device on node 3 succeeds, and
+/// `bell-show --wait` on node 2 sees it end.
+#[test]
+fn one_fleet_from_every_node_and_bells_across_nodes() {
+    if nats_or_skip("one_fleet_from_every_node_and_bells_across_nodes").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let fx = Fixture::start(tmp.path());
+    let mut agents = vec![];
+    let mut want = BTreeMap::new();
+    let ran = tmp.path().join("ran");
+    for i in 0..6 {
+        let id = format!("pi-{i}");
+        let home = &fx.nodes[i % 3];
+        let token = fx.nodes[(i + 1) % 3].enroll(&id); // enrolled on another node
+        let opts = AgentOpts {
+            collector_url: Some(home.device_url()),
+            extra_toml: counting_action("mark", &ran, 0),
+            ..AgentOpts::default()
+        };
+        agents.push(Agent::start(home, &id, &token, opts));
+        want.insert(id, Some(format!("c{}", i % 3 + 1)));
+    }
+    let nodes: Vec<&Collector> = fx.nodes.iter().collect();
+    wait_placement(&nodes, &want, None, Duration::from_secs(30));
+
+    // pi-2 is on c3; ring on c1 and wait there.
+    let out = fx.nodes[0].cli(&["bell", "pi-2", "mark", "--wait", "--json"]);
+    assert!(out.status.success(), "bell on c1 for a device on c3: {}", pulsebell_tests::describe(&out));
+    let bells: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+    let id = bells[0]["id"].as_u64().expect("bell id");
+    assert_eq!(bells[0]["state"], "succeeded", "{bells}");
+
+    // Another bell rung on c1, followed on c2.
+    let out = fx.nodes[0].cli_ok(&["bell", "pi-2", "mark", "--json"]);
+    let rung: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+    let second = rung[0]["id"].as_u64().expect("bell id");
+    assert!(second > id);
+    let out = fx.nodes[1].cli(&["bell-show", &second.to_string(), "--wait", "--json"]);
+    assert!(out.status.success(), "bell-show --wait on c2: {}", pulsebell_tests::describe(&out));
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("bell-show --json");
+    assert_eq!(shown["state"], "succeeded", "{shown}");
+    assert_eq!(lines(&ran), 2, "each bell ran exactly once");
+
+    // Every node gives the same bell list and cluster view.
+    for c in &fx.nodes {
+        let out = c.cli_ok(&["bells", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).expect("bells --json");
+        let ids: Vec<u64> = list.as_array().expect("array").iter().filter_map(|b| b["id"].as_u64()).collect();
+        assert_eq!(ids, [second, id], "bells on {}", c.admin_url());
+        let out = c.cli_ok(&["cluster", "--json"]);
+        let nodes: Value = serde_json::from_slice(&out.stdout).expect("cluster --json");
+        let alive: Vec<(&str, u64)> = nodes
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|n| (n["id"].as_str().unwrap_or("?"), n["devices"].as_u64().unwrap_or(99)))
+            .collect();
+        assert_eq!(alive.len(), 3, "{nodes}");
+        assert!(nodes.as_array().unwrap().iter().all(|n| n["state"] == "alive"), "{nodes}");
+    }
+    drop(agents);
+}
+
+/// (3) kill -9 a collector holding a third of the devices while bells are
+/// in flight: its devices are back on the survivors within 15 s, every
+/// bell ends final exactly once, events per device stay ordered by
+/// generation, and the lost node shows `lost`.
+#[test]
+fn a_killed_collectors_devices_move_and_bells_run_once() {
+    if nats_or_skip("a_killed_collectors_devices_move_and_bells_run_once").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let mut fx = Fixture::start(tmp.path());
+    let urls = fx.urls();
+    let mut agents = vec![];
+    let mut counts = BTreeMap::new();
+    for i in 0..6 {
+        let id = format!("pi-{i}");
+        let token = fx.nodes[0].enroll(&id);
+        // The home node first, then the others: a known placement, and
+        // somewhere to go.
+        let mut list = urls.clone();
+        list.rotate_left(i % 3);
+        let count = tmp.path().join(format!("ran-{id}"));
+        let opts =
+            AgentOpts { collector_urls: list, extra_toml: counting_action("work", &count, 2), ..AgentOpts::default() };
+        agents.push(Agent::start(&fx.nodes[0], &id, &token, opts));
+        counts.insert(id, count);
+    }
+    // Agents pick a random start in their list; wait until all are online
+    // somewhere, then see where.
+    let everywhere: BTreeMap<String, Option<String>> = counts.keys().map(|id| (id.clone(), None)).collect();
+    let nodes: Vec<&Collector> = fx.nodes.iter().collect();
+    wait_placement(&nodes, &everywhere, None, Duration::from_secs(30));
+    let status = fx.nodes[1].status();
+    let victim = (1..=3)
+        .map(|n| format!("c{n}"))
+        .max_by_key(|n| status.iter().filter(|d| node_of(d).as_deref() == Some(n.as_str())).count())
+        .expect("a node");
+    let moving: Vec<String> = status
+        .iter()
+        .filter(|d| node_of(d).as_deref() == Some(victim.as_str()))
+        .map(|d| d["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!moving.is_empty());
+    let victim_index: usize = victim[1..].parse::<usize>().unwrap() - 1;
+    let survivor_index = (victim_index + 1) % 3;
+
+    // Bells in flight on every device (each runs 2 s), rung on a survivor.
+    let mut bell_ids = vec![];
+    for id in counts.keys() {
+        let out = fx.nodes[survivor_index].cli_ok(&["bell", id, "work", "--json"]);
+        let rung: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+        bell_ids.push(rung[0]["id"].as_u64().expect("id"));
+    }
+    for id in &moving {
+        let count = &counts[id];
+        wait_until(&format!("{id}'s bell to start"), Duration::from_secs(20), || {
+            if lines(count) >= 1 {
+                Ok(())
+            } else {
+                Err("not started".into())
+            }
+        });
+    }
+    let killed_at = Instant::now();
+    fx.nodes[victim_index].kill9();
+    let survivor = &fx.nodes[survivor_index];
+
+    // Back on the survivors within 15 s.
+    let survivors: Vec<&Collector> =
+        fx.nodes.iter().enumerate().filter(|(i, _)| *i != victim_index).map(|(_, c)| c).collect();
+    wait_placement(&survivors, &everywhere, Some(&victim), FAILOVER);
+    let took = killed_at.elapsed();
+    assert!(took <= FAILOVER, "devices took {took:?} to come back");
+
+    // Every bell ends final, exactly once.
+    for bell in &bell_ids {
+        let out = survivor.cli(&["bell-show", &bell.to_string(), "--wait", "--timeout", "60s", "--json"]);
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(shown["state"], "succeeded", "bell {bell}: {}", pulsebell_tests::describe(&out));
+        let finals = shown["transitions"]
+            .as_array()
+            .expect("transitions")
+            .iter()
+            .filter(|t| {
+                ["succeeded", "failed", "timed_out", "rejected", "cancelled", "expired"]
+                    .contains(&t["state"].as_str().unwrap_or(""))
+            })
+            .count();
+        assert_eq!(finals, 1, "bell {bell} reached a final state more than once: {shown}");
+    }
+    for (id, count) in &counts {
+        assert_eq!(lines(count), 1, "{id}'s action ran {} times", lines(count));
+    }
+
+    // Events of each device in generation order.
+    let out = survivor.cli_ok(&["events", "--json"]);
+    let events: Value = serde_json::from_slice(&out.stdout).expect("events --json");
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for e in events.as_array().expect("array") {
+        let d = e["device"].as_str().unwrap().to_string();
+        let g = e["generation"].as_u64().unwrap();
+        let prev = last.insert(d.clone(), g).unwrap_or(0);
+        assert!(g >= prev, "events of {d} out of generation order: {events}");
+    }
+
+    // The lost node shows `lost`.
+    wait_until("the killed node to show lost", Duration::from_secs(20), || {
+        let out = survivor.cli_ok(&["cluster", "--json"]);
+        let nodes: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let state =
+            nodes.as_array().and_then(|a| a.iter().find(|n| n["id"] == victim.as_str())).map(|n| n["state"].clone());
+        if state == Some(Value::from("lost")) {
+            Ok(())
+        } else {
+            Err(format!("{nodes}"))
+        }
+    });
+    drop(agents);
+    drop(fx.nats);
+}
