@@ -153,7 +153,7 @@ fn show_view(b: &BellView, json: bool) -> anyhow::Result<()> {
             None => println!("  {}  {}", t.at, t.state.as_str()),
         }
     }
-    print_result(&b);
+    print_result(b);
     Ok(())
 }
 
