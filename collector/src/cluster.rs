@@ -6,18 +6,23 @@
 //!   fleet and bells, so every node answers `status`, `show`, `bells`,
 //!   `--wait`, `/metrics` and the dashboard for the whole fleet, and the
 //!   node holding a device's connection sees bells rung anywhere.
-//! - **Heartbeat**: every `lost_after / 4` the node writes its heartbeat.
-//! - **Fencing**: a node that could not write its heartbeat for
-//!   `lost_after / 2` is cut off: it closes its devices with 1013 ("try
-//!   again later") and refuses new ones until it can write again. Other
-//!   nodes wait the full `lost_after` before declaring it lost, so two
-//!   nodes never both own one device.
-//! - **Lost nodes**: a node whose heartbeat has not changed for
-//!   `lost_after` (measured on this node's own clock, so clock skew between
-//!   machines does not matter) is lost; each of its devices is declared
-//!   offline with `collector_lost` by whichever node wins the
-//!   compare-and-set that ends its connection ([`Store::release`]), unless
-//!   the device is already back on another node with a newer generation.
+//! - **Heartbeat**: every `lost_after / 8` the node sends its heartbeat on
+//!   core NATS (not JetStream: a stream leader election must not look like
+//!   a dead node) and checks that it can use the store
+//!   ([`Store::check`]: connected, and JetStream has a quorum).
+//! - **Fencing**: a node whose check has failed for `3/4 · lost_after` is
+//!   cut off: it closes its devices with 1013 ("try again later") and
+//!   refuses new ones until the check passes again. Other nodes wait the
+//!   full `lost_after` before declaring it lost, so two nodes never both
+//!   own one device.
+//! - **Lost nodes**: a node whose heartbeat has not arrived for `lost_after`
+//!   (measured on this node's own clock, so clock skew between machines
+//!   does not matter) is lost, provided this node itself has been healthy
+//!   all that time and hears its own heartbeat (otherwise the silence may
+//!   be its own). Each of the lost node's devices is declared offline with
+//!   `collector_lost` by whichever node wins the compare-and-set that ends
+//!   its connection ([`Store::release`]), unless the device is already back
+//!   on another node with a newer generation.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,9 +56,11 @@ pub struct NodeView {
 }
 
 /// What this node knows of the others, shared with the admin API.
-#[derive(Default)]
 pub struct Membership {
+    me: String,
     nodes: std::sync::Mutex<HashMap<String, Seen>>,
+    /// Since when this node has passed its store check without a break.
+    healthy_since: std::sync::Mutex<Option<Instant>>,
 }
 
 struct Seen {
@@ -63,10 +70,34 @@ struct Seen {
 }
 
 impl Membership {
+    /// Membership as seen by node `me`.
+    pub fn new(me: &str) -> Membership {
+        Membership { me: me.to_string(), nodes: Default::default(), healthy_since: Default::default() }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        let mut since = self.healthy_since.lock().expect("membership lock");
+        match (healthy, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// Whether this node can judge others: healthy for `span`, and its own
+    /// heartbeat came back within `echo`.
+    fn can_judge(&self, span: Duration, echo: Duration) -> bool {
+        let healthy = self.healthy_since.lock().expect("membership lock").is_some_and(|t| t.elapsed() >= span);
+        let heard =
+            self.nodes.lock().expect("membership lock").get(&self.me).is_some_and(|s| s.changed.elapsed() < echo);
+        healthy && heard
+    }
+
     fn observe(&self, n: NodeRecord) {
         let mut nodes = self.nodes.lock().expect("membership lock");
         match nodes.get_mut(&n.id) {
-            Some(seen) if seen.record.heartbeat_ms == n.heartbeat_ms => {}
+            // Only a newer heartbeat counts (the bucket's copy may lag).
+            Some(seen) if (n.started_ms, n.seq) <= (seen.record.started_ms, seen.record.seq) => {}
             Some(seen) => {
                 seen.record = n;
                 seen.changed = Instant::now();
@@ -150,39 +181,46 @@ async fn heartbeat(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let store: &Arc<dyn Store> = gw.fleet.store();
-    let mut tick = tokio::time::interval(lost_after / 4);
+    let mut tick = tokio::time::interval(lost_after / 8);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     let mut fenced = false;
+    let mut seq = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        seq += 1;
         let record = NodeRecord {
             id: gw.fleet.node().to_string(),
             devices: gw.fleet.local_connections(),
             heartbeat_ms: now_ms(),
             started_ms,
             device_addr: Some(device_addr.clone()),
+            seq,
         };
-        let write = tokio::time::timeout(lost_after / 4, store.heartbeat(&record)).await;
-        match write {
+        if let Err(e) = store.heartbeat(&record).await {
+            warn!(error = %e, "cannot send the heartbeat");
+        }
+        let check = tokio::time::timeout(lost_after / 4, store.check()).await;
+        let healthy = matches!(check, Ok(Ok(())));
+        membership.set_healthy(healthy);
+        match check {
             Ok(Ok(())) => {
                 last_ok = Instant::now();
-                membership.observe(record);
                 if fenced {
                     info!("reconnected to the cluster: taking devices again");
                     fenced = false;
                     gw.set_accepting(true);
                 }
             }
-            Ok(Err(e)) => warn!(error = %e, "cannot write the heartbeat"),
-            Err(_) => warn!("writing the heartbeat timed out"),
+            Ok(Err(e)) => warn!(error = %e, "the cluster store is unavailable"),
+            Err(_) => warn!("the cluster store check timed out"),
         }
-        if !fenced && last_ok.elapsed() >= lost_after / 2 {
+        if !fenced && last_ok.elapsed() >= lost_after * 3 / 4 {
             // Others will declare this node lost at `lost_after`: stop
-            // owning devices well before, so no device has two owners.
+            // owning devices before, so no device has two owners.
             fenced = true;
             gw.set_accepting(false);
             let closed = gw.fleet.close_all(
@@ -209,6 +247,9 @@ async fn sweep_lost(
             _ = shutdown.changed() => return,
         }
         let me = fleet.node().to_string();
+        if !membership.can_judge(lost_after, lost_after / 2) {
+            continue; // the silence may be this node's own
+        }
         let lost: Vec<String> = membership.lost(lost_after).into_iter().filter(|n| *n != me).collect();
         for node in lost {
             let held = fleet.held_by(&node);

@@ -106,7 +106,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let gw = Arc::new(Gateway::new(fleet.clone(), bells.clone(), TlsAcceptor::from(tls.config), config.limits.clone()));
-    let membership = Arc::new(Membership::default());
+    let membership = Arc::new(Membership::new(&node));
     let cluster_task = changes.map(|changes| {
         tokio::spawn(cluster::run(
             gw.clone(),

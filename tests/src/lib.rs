@@ -6,6 +6,10 @@
 //! - [`Collector`]: `serve` on `127.0.0.1:0`, waits for `collector ready`,
 //!   reads `run.json`; the admin CLI (`enroll`, `status --json`, …); SIGTERM,
 //!   SIGKILL and restart on the same data directory.
+//! - [`backend`]: the storage backend the collectors run on, from
+//!   `PULSEBELL_TEST_BACKEND` (`sled`, the default, or `nats`: each
+//!   collector gets its own single-node JetStream server and runs in cluster
+//!   mode on it); [`skip_on_nats`] for tests that only make sense on sled.
 //! - [`Agent`]: writes a config (token file, state dir, the collector's dev
 //!   CA) and runs `pulsebell-agent run`.
 //! - [`wait_until`]: polls a condition that can only be observed by polling
@@ -348,6 +352,108 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> R
 }
 
 // ---------------------------------------------------------------------------
+// Storage backend
+
+/// Environment variable choosing the collectors' storage backend:
+/// [`BACKEND_SLED`] (default) or [`BACKEND_NATS`].
+pub const BACKEND_ENV: &str = "PULSEBELL_TEST_BACKEND";
+/// The single-node sled database in the data directory.
+pub const BACKEND_SLED: &str = "sled";
+/// NATS JetStream: every [`Collector::start`] / [`Collector::start_with_config`]
+/// also starts its own single-server JetStream ([`nats::NatsCluster`]) and
+/// runs the collector in cluster mode on it, as node [`NATS_NODE_ID`].
+pub const BACKEND_NATS: &str = "nats";
+/// `node_id` of collectors on the NATS backend.
+pub const NATS_NODE_ID: &str = "test";
+
+/// The backend the collectors of this test run use: `sled` or `nats`, from
+/// [`BACKEND_ENV`] (unset or empty: `sled`; anything else fails the test).
+/// `nats` without a usable `nats-server` falls back to `sled`, saying so
+/// once with a `SKIP` line like [`nats::nats_or_skip`], or fails when
+/// `PULSEBELL_REQUIRE_NATS=1`.
+pub fn backend() -> &'static str {
+    static BACKEND: std::sync::OnceLock<Result<&'static str, String>> = std::sync::OnceLock::new();
+    let chosen = BACKEND.get_or_init(|| match std::env::var(BACKEND_ENV).unwrap_or_default().as_str() {
+        "" | BACKEND_SLED => Ok(BACKEND_SLED),
+        BACKEND_NATS => match nats::find_nats_server() {
+            Ok(_) => Ok(BACKEND_NATS),
+            Err(why) if nats::require_nats() => {
+                Err(format!("{BACKEND_ENV}=nats: {why} ({}=1)", nats::REQUIRE_NATS_ENV))
+            }
+            Err(why) => {
+                println!(
+                    "SKIP the NATS backend ({BACKEND_ENV}=nats): {why}; running on sled instead; set {}=1 to make \
+                     this a failure",
+                    nats::REQUIRE_NATS_ENV
+                );
+                Ok(BACKEND_SLED)
+            }
+        },
+        other => Err(format!("{BACKEND_ENV}={other:?}: use `{BACKEND_SLED}` or `{BACKEND_NATS}`")),
+    });
+    match chosen {
+        Ok(name) => name,
+        Err(why) => panic!("{why}"),
+    }
+}
+
+/// For the top of a test that only makes sense on sled (it looks at the
+/// data directory's database, or is about a lone collector in a way cluster
+/// mode changes): on the NATS backend prints `SKIP test: why` and returns
+/// true. `if skip_on_nats("my_test", "reads sled's files") { return; }`.
+pub fn skip_on_nats(test: &str, why: &str) -> bool {
+    if backend() != BACKEND_NATS {
+        return false;
+    }
+    println!("SKIP {test} on the NATS backend: {why}");
+    true
+}
+
+/// Whether `config_toml` configures cluster mode itself: a `[cluster]` (or
+/// `[cluster.…]`) table header, or a top-level `cluster` key (inline table
+/// or dotted keys) before the first table header.
+fn has_cluster_table(config_toml: &str) -> bool {
+    let mut top_level = true;
+    for line in config_toml.lines() {
+        let line = line.trim_start();
+        if let Some(header) = line.strip_prefix('[') {
+            let name = header.trim_start_matches('[').trim_start();
+            let name = name.strip_prefix('"').unwrap_or(name);
+            if name.strip_prefix("cluster").is_some_and(|rest| rest.trim_start().starts_with([']', '.', '"'])) {
+                return true;
+            }
+            top_level = false;
+        } else if top_level {
+            let key = line.strip_prefix('"').unwrap_or(line);
+            if key.strip_prefix("cluster").is_some_and(|rest| rest.trim_start().starts_with(['=', '.', '"'])) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// A single-server JetStream in `dir/nats` for a collector on the NATS
+/// backend, and `config_toml` with a `[cluster]` table pointing at it
+/// appended (a table after everything else, so after the top-level keys).
+fn nats_backend(dir: &Path, config_toml: &str) -> (nats::NatsCluster, String) {
+    let nats_dir = dir.join("nats");
+    fs::create_dir_all(&nats_dir).expect("create the NATS server dir");
+    let server = nats::NatsCluster::start(1, &nats_dir);
+    let mut config = config_toml.to_string();
+    if !config.is_empty() && !config.ends_with('\n') {
+        config.push('\n');
+    }
+    let _ = write!(
+        config,
+        "\n# Added by pulsebell-tests ({BACKEND_ENV}=nats).\n[cluster]\nnats_urls = [{}]\nnode_id = {}\n",
+        toml_str(&server.url(0)),
+        toml_str(NATS_NODE_ID)
+    );
+    (server, config)
+}
+
+// ---------------------------------------------------------------------------
 // Collector
 
 /// What the collector writes to `run.json` once it is listening.
@@ -390,7 +496,8 @@ impl RunInfo {
 
 static AGENT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A running `pulsebell-collector serve`. Dropping it kills the process.
+/// A running `pulsebell-collector serve`. Dropping it kills the process
+/// (and then its NATS server, on the NATS backend).
 pub struct Collector {
     dir: PathBuf,
     data_dir: PathBuf,
@@ -399,21 +506,39 @@ pub struct Collector {
     log: Log,
     run: RunInfo,
     starts: u32,
+    /// On the NATS backend: the collector's own JetStream server, where its
+    /// data lives. Started once with the collector and kept running across
+    /// [`Collector::restart`], [`Collector::stop`] and [`Collector::kill9`].
+    nats: Option<nats::NatsCluster>,
 }
 
 impl Collector {
     /// Starts a collector whose data directory is `dir/collector-data`,
-    /// logging to `dir/collector.log`.
+    /// logging to `dir/collector.log`. On the NATS backend ([`backend`]) it
+    /// runs in cluster mode on its own JetStream server in `dir/nats`, with
+    /// that `[cluster]` table in `dir/collector.toml`.
     pub fn start(dir: &Path) -> Collector {
-        Collector::launch(dir, None)
+        if backend() == BACKEND_NATS {
+            return Collector::start_with_config(dir, "");
+        }
+        Collector::launch(dir, None, None)
     }
 
     /// Like [`Collector::start`], with `config_toml` written to
-    /// `dir/collector.toml` and passed as `--config`.
+    /// `dir/collector.toml` and passed as `--config`. On the NATS backend a
+    /// `[cluster]` table for the collector's own JetStream server is
+    /// appended, unless `config_toml` configures cluster mode itself (as
+    /// [`Collector::start_cluster_node`] does).
     pub fn start_with_config(dir: &Path, config_toml: &str) -> Collector {
+        let (nats, config_toml) = if backend() == BACKEND_NATS && !has_cluster_table(config_toml) {
+            let (server, config) = nats_backend(dir, config_toml);
+            (Some(server), config)
+        } else {
+            (None, config_toml.to_string())
+        };
         let path = dir.join("collector.toml");
         fs::write(&path, config_toml).expect("write collector config");
-        Collector::launch(dir, Some(path))
+        Collector::launch(dir, Some(path), nats)
     }
 
     /// A collector in cluster mode on `nats_urls` as node `node_id`, with
@@ -445,15 +570,17 @@ impl Collector {
         Collector::start_with_config(dir, &config)
     }
 
-    fn launch(dir: &Path, config: Option<PathBuf>) -> Collector {
+    fn launch(dir: &Path, config: Option<PathBuf>, nats: Option<nats::NatsCluster>) -> Collector {
         let data_dir = dir.join("collector-data");
         let log = Log::new("collector", dir.join("collector.log"));
         let (child, run) = spawn_collector(&data_dir, config.as_deref(), &log);
-        Collector { dir: dir.to_path_buf(), data_dir, config, child: Some(child), log, run, starts: 1 }
+        Collector { dir: dir.to_path_buf(), data_dir, config, child: Some(child), log, run, starts: 1, nats }
     }
 
     /// Starts the collector again on the same data directory (and config),
-    /// after [`Collector::stop`] or [`Collector::kill9`]. Ports change.
+    /// after [`Collector::stop`] or [`Collector::kill9`]. Ports change. On
+    /// the NATS backend its JetStream server keeps running (it holds the
+    /// data).
     pub fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -494,6 +621,12 @@ impl Collector {
     /// The collector's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// On the NATS backend, the collector's own JetStream server (`None` on
+    /// sled, and for [`Collector::start_cluster_node`]).
+    pub fn nats(&self) -> Option<&nats::NatsCluster> {
+        self.nats.as_ref()
     }
 
     /// The contents of `run.json` of the current run.
@@ -1181,5 +1314,24 @@ impl Forwarder {
     /// `wss://localhost:PORT/v1/ws` through the forwarder.
     pub fn url(&self) -> String {
         format!("wss://localhost:{}{}", self.port, pulsebell_proto::WS_PATH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_cluster_table;
+
+    #[test]
+    fn cluster_table_detection() {
+        assert!(!has_cluster_table(""));
+        assert!(!has_cluster_table("write_back = \"1s\"\n"));
+        assert!(!has_cluster_table("[alerts]\nwebhooks = [\"http://x\"]\n# [cluster]\n"));
+        assert!(!has_cluster_table("[alerts]\ncluster = 1\n"));
+        assert!(!has_cluster_table("[clusters]\n"));
+        assert!(has_cluster_table("write_back = \"1s\"\n\n[cluster]\nnats_urls = [\"nats://x:1\"]\n"));
+        assert!(has_cluster_table("  [ cluster ]\n"));
+        assert!(has_cluster_table("[cluster.extra]\n"));
+        assert!(has_cluster_table("cluster = { nats_urls = [\"nats://x:1\"] }\n"));
+        assert!(has_cluster_table("cluster.nats_urls = [\"nats://x:1\"]\n"));
     }
 }

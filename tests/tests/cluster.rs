@@ -271,3 +271,202 @@ fn a_killed_collectors_devices_move_and_bells_run_once() {
     drop(agents);
     drop(fx.nats);
 }
+
+/// When a collector dies, devices that cannot reach another one are
+/// declared offline with `collector_lost` within 15 s, once, by one node.
+#[test]
+fn a_killed_collectors_stranded_devices_go_offline_as_collector_lost() {
+    if nats_or_skip("a_killed_collectors_stranded_devices_go_offline_as_collector_lost").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let mut fx = Fixture::start(tmp.path());
+    let id = "pi-stranded";
+    let token = fx.nodes[1].enroll(id);
+    // Only c3's address: nowhere else to go.
+    let opts = AgentOpts { collector_url: Some(fx.nodes[2].device_url()), ..AgentOpts::default() };
+    let _agent = Agent::start(&fx.nodes[2], id, &token, opts);
+    let want: BTreeMap<String, Option<String>> = [(id.to_string(), Some("c3".to_string()))].into();
+    let nodes: Vec<&Collector> = fx.nodes.iter().collect();
+    wait_placement(&nodes, &want, None, Duration::from_secs(30));
+    let generation = fx.nodes[0].show(id)["generation"].as_u64().expect("generation");
+
+    let killed_at = Instant::now();
+    fx.nodes[2].kill9();
+    for c in &fx.nodes[..2] {
+        let d = wait_until("the stranded device to be offline (collector_lost)", FAILOVER, || {
+            let d = c.show(id);
+            if d["state"] == "offline" {
+                Ok(d)
+            } else {
+                Err(format!("{d}"))
+            }
+        });
+        assert_eq!(d["node"], Value::Null, "{d}");
+        assert_eq!(d["last_offline_reason"], "collector_lost", "{d}");
+    }
+    assert!(killed_at.elapsed() <= FAILOVER, "took {:?}", killed_at.elapsed());
+    let events = wait_until("the collector_lost event", Duration::from_secs(10), || {
+        let out = fx.nodes[0].cli_ok(&["events", id, "--json"]);
+        let events: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let lost: Vec<&Value> = events.as_array().unwrap().iter().filter(|e| e["reason"] == "collector_lost").collect();
+        match lost.len() {
+            0 => Err(format!("{events}")),
+            _ => Ok(events.clone()),
+        }
+    });
+    let lost: Vec<&Value> = events.as_array().unwrap().iter().filter(|e| e["reason"] == "collector_lost").collect();
+    assert_eq!(lost.len(), 1, "declared lost exactly once: {events}");
+    assert_eq!(lost[0]["generation"].as_u64(), Some(generation), "{events}");
+    assert_eq!(lost[0]["kind"], "offline", "{events}");
+}
+
+/// (4) kill -9 one NATS server: enrol, ring and status keep working on
+/// every collector, nothing acknowledged is lost, and it rejoins.
+#[test]
+fn losing_one_nats_server_loses_nothing() {
+    if nats_or_skip("losing_one_nats_server_loses_nothing").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let mut fx = Fixture::start(tmp.path());
+    let ran = tmp.path().join("ran");
+    let mut agents = vec![];
+    let mut devices = vec![];
+    for i in 0..3 {
+        let id = format!("pi-{i}");
+        let token = fx.nodes[i].enroll(&id);
+        let opts = AgentOpts {
+            collector_urls: fx.urls(),
+            extra_toml: counting_action("mark", &ran, 0),
+            ..AgentOpts::default()
+        };
+        agents.push(Agent::start(&fx.nodes[i], &id, &token, opts));
+        devices.push(id);
+    }
+    let everywhere: BTreeMap<String, Option<String>> = devices.iter().map(|d| (d.clone(), None)).collect();
+    let nodes: Vec<&Collector> = fx.nodes.iter().collect();
+    wait_placement(&nodes, &everywhere, None, Duration::from_secs(30));
+    let out = fx.nodes[0].cli(&["bell", "pi-0", "mark", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", pulsebell_tests::describe(&out));
+    let before: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+    let first_bell = before[0]["id"].as_u64().expect("id");
+
+    fx.nats.kill(0);
+    // Each collector goes on: enrol a new device, ring, status. A request
+    // may hit the few seconds of a leader election; retry within a bound.
+    for (i, c) in fx.nodes.iter().enumerate() {
+        let mut attempt = 0;
+        wait_until(&format!("enrolling on c{} without one NATS server", i + 1), Duration::from_secs(30), || {
+            attempt += 1;
+            let out = c.cli(&["enroll", &format!("late-{i}-{attempt}")]);
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(pulsebell_tests::describe(&out))
+            }
+        });
+        wait_until(&format!("a bell through c{} without one NATS server", i + 1), Duration::from_secs(30), || {
+            let out = c.cli(&["bell", &format!("pi-{i}"), "mark", "--wait", "--json"]);
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(pulsebell_tests::describe(&out))
+            }
+        });
+    }
+    wait_placement(&nodes, &everywhere, None, Duration::from_secs(30));
+    assert_eq!(lines(&ran), 4, "every bell ran exactly once");
+
+    fx.nats.restart(0);
+    fx.nats.wait_healthy();
+    for c in &fx.nodes {
+        let all = c.status();
+        for i in 0..3 {
+            assert!(
+                find_device(&all, &format!("late-{i}-1")).is_some()
+                    || all.iter().any(|d| d["id"].as_str().unwrap_or("").starts_with(&format!("late-{i}-"))),
+                "enrolment lost: {all:?}"
+            );
+        }
+        let out = c.cli_ok(&["bell-show", &first_bell.to_string(), "--json"]);
+        let b: Value = serde_json::from_slice(&out.stdout).expect("bell-show --json");
+        assert_eq!(b["state"], "succeeded", "{b}");
+    }
+    drop(agents);
+}
+
+/// (6) `migrate` from a single collector's sled dir: enrolments, bells
+/// (a queued one too), events and history move; the agents connect to the
+/// cluster with their old tokens and the queued bell runs there.
+#[test]
+fn migrate_moves_a_single_collector_into_the_cluster() {
+    if nats_or_skip("migrate_moves_a_single_collector_into_the_cluster").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let single_dir = tmp.path().join("single");
+    fs::create_dir_all(&single_dir).expect("dir");
+    let mut single = Collector::start(&single_dir);
+    let ran = tmp.path().join("ran");
+    let token_a = single.enroll("pi-a");
+    let token_b = single.enroll("pi-b");
+    let opts = || AgentOpts { extra_toml: counting_action("mark", &ran, 0), ..AgentOpts::default() };
+    let mut agent_a = Agent::start(&single, "pi-a", &token_a, opts());
+    single.wait_for_online_with_health("pi-a");
+    let out = single.cli(&["bell", "pi-a", "mark", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", pulsebell_tests::describe(&out));
+    // pi-b never connected: its bell stays queued.
+    let out = single.cli_ok(&["bell", "pi-b", "mark", "--ttl", "1h", "--json"]);
+    let queued: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+    let queued_id = queued[0]["id"].as_u64().expect("id");
+    let history_before = {
+        let out = single.cli_ok(&["history", "pi-a", "--json"]);
+        let h: Value = serde_json::from_slice(&out.stdout).expect("history --json");
+        h["buckets"].as_array().map_or(0, Vec::len)
+    };
+    assert!(history_before >= 1);
+    agent_a.stop();
+    single.stop();
+
+    let nats_dir = tmp.path().join("nats");
+    fs::create_dir_all(&nats_dir).expect("dir");
+    let nats = NatsCluster::start(3, &nats_dir);
+    let out = pulsebell_tests::run_with_timeout(
+        {
+            let mut cmd = std::process::Command::new(pulsebell_tests::collector_bin());
+            cmd.arg("migrate").arg("--from").arg(single.data_dir()).arg("--nats").arg(nats.urls().join(","));
+            cmd
+        },
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "migrate: {}", pulsebell_tests::describe(&out));
+
+    // The cluster node uses the single collector's token and CA.
+    let node_dir = tmp.path().join("c1");
+    fs::create_dir_all(&node_dir).expect("dir");
+    let node = Collector::start_cluster_node(&node_dir, &nats.urls(), "c1", Some(&single), "");
+    let all = node.status();
+    assert!(find_device(&all, "pi-a").is_some() && find_device(&all, "pi-b").is_some(), "{all:?}");
+    let out = node.cli_ok(&["bells", "--json"]);
+    let bells: Value = serde_json::from_slice(&out.stdout).expect("bells --json");
+    assert_eq!(bells.as_array().map(Vec::len), Some(2), "{bells}");
+    let out = node.cli_ok(&["events", "pi-a", "--json"]);
+    let events: Value = serde_json::from_slice(&out.stdout).expect("events --json");
+    assert!(events.as_array().is_some_and(|e| e.len() >= 2), "events moved: {events}");
+    let out = node.cli_ok(&["history", "pi-a", "--json"]);
+    let h: Value = serde_json::from_slice(&out.stdout).expect("history --json");
+    assert_eq!(h["buckets"].as_array().map_or(0, Vec::len), history_before, "history moved: {h}");
+
+    // Old tokens work; the queued bell runs on the cluster.
+    let _a = Agent::start(&node, "pi-a", &token_a, opts());
+    let _b = Agent::start(&node, "pi-b", &token_b, opts());
+    node.wait_for_state("pi-a", "online");
+    let out = node.cli(&["bell-show", &queued_id.to_string(), "--wait", "--timeout", "30s", "--json"]);
+    assert!(out.status.success(), "queued bell after migration: {}", pulsebell_tests::describe(&out));
+    assert_eq!(lines(&ran), 2, "each bell ran once");
+    // New bells get ids above the migrated ones.
+    let out = node.cli_ok(&["bell", "pi-a", "mark", "--json"]);
+    let next: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
+    assert!(next[0]["id"].as_u64().unwrap() > queued_id, "{next}");
+}

@@ -132,6 +132,37 @@ pub async fn render(state: &AdminState) -> String {
         Unit::Seconds,
         s.store_write_seconds.clone(),
     );
+    r.register(
+        "store_records_written",
+        "Device records written back to the store",
+        counter(s.records_written.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "store_corrupt_records",
+        "Records in the store that did not decode and were skipped",
+        counter(state.fleet.store().corrupt_records()),
+    );
+    let info = Family::<Labels, Gauge<i64>>::default();
+    info.get_or_create(&vec![
+        ("node".into(), state.fleet.node().to_string()),
+        ("backend".into(), state.fleet.store().backend().to_string()),
+        ("version".into(), env!("CARGO_PKG_VERSION").to_string()),
+    ])
+    .set(1);
+    r.register("collector_info", "This collector: node id, store backend, version", info);
+    let nodes = Family::<Labels, Gauge<i64>>::default();
+    let (alive, lost) = match &state.membership {
+        Some(m) => {
+            let lost_after = state.fleet.config().cluster.lost_after;
+            let all = m.views(lost_after);
+            let alive = all.iter().filter(|n| n.state == "alive").count();
+            (alive, all.len() - alive)
+        }
+        None => (1, 0),
+    };
+    nodes.get_or_create(&vec![("state".into(), "alive".into())]).set(alive as i64);
+    nodes.get_or_create(&vec![("state".into(), "lost".into())]).set(lost as i64);
+    r.register("cluster_nodes", "Collector nodes of the cluster by state (1 alive without a cluster)", nodes);
 
     let mut out = String::new();
     encode(&mut out, &r).expect("writing to a String cannot fail");

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use pulsebell_proto::{close, Hello, Pulse, ServerMsg};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::alerts::Raised;
 use crate::auth;
@@ -65,11 +65,13 @@ struct Device {
     dirty: bool,
     /// The open history minute.
     minute: Option<Accumulator>,
+    /// The last generation whose end another node's loss was recorded for.
+    ended_elsewhere: u64,
 }
 
 impl Device {
     fn new(enrolment: Enrolment, record: DeviceRecord) -> Device {
-        Device { enrolment, record, conn: None, owner: None, dirty: false, minute: None }
+        Device { enrolment, record, conn: None, owner: None, dirty: false, minute: None, ended_elsewhere: 0 }
     }
 }
 
@@ -442,11 +444,15 @@ impl Fleet {
     pub fn ended_elsewhere(&self, id: &str, generation: u64, reason: Reason) {
         let mut state = self.lock();
         let Some(d) = state.devices.get_mut(id) else { return };
-        if d.conn.is_some() || d.record.generation > generation {
+        if d.conn.is_some() || d.record.generation > generation || d.ended_elsewhere >= generation {
             return;
         }
+        d.ended_elsewhere = generation;
         d.record.generation = generation;
         d.owner = None;
+        // It was online in this generation (the lost node may not have
+        // written that back): the rule records exactly one offline event.
+        d.record.online = true;
         let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
         info!(device = id, generation, %reason, "offline");
         state.absorb(fx);
@@ -561,7 +567,13 @@ impl Fleet {
         let now = now_ms();
         let mut fx = Effects::default();
         let mut closed = vec![];
+        let mut minutes = vec![];
         for (id, d) in state.devices.iter_mut() {
+            // The open history minute is kept too (partial): a planned stop
+            // loses nothing.
+            if let Some(acc) = d.minute.take() {
+                minutes.push((id.clone(), acc.bucket()));
+            }
             let Some(conn) = d.conn.take() else { continue };
             let _ = conn.tx.try_send(Outbound::Close(code, text.to_string(), reason));
             d.owner = None;
@@ -571,6 +583,7 @@ impl Fleet {
             closed.push((id.clone(), conn.generation));
         }
         state.absorb(fx);
+        state.history.extend(minutes);
         for (id, _) in &closed {
             state.mark_dirty(id);
         }
@@ -622,7 +635,17 @@ fn apply_removal(state: &mut State, id: &str) -> bool {
 
 fn apply_owner(d: &mut Device, id: &str, owner: &Owner, me: &str) {
     if let Some(conn) = &d.conn {
-        if owner.generation > conn.generation {
+        if owner.generation == conn.generation && owner.node.as_deref() != Some(me) {
+            // Another node ended this very connection (it took this node
+            // for lost): let the device reconnect for a fresh generation.
+            warn!(device = id, generation = conn.generation, "connection ended by another node; closing it");
+            let _ = conn.tx.try_send(Outbound::Close(
+                close::TRY_AGAIN_LATER,
+                "connection taken over by the cluster; reconnect".into(),
+                owner.reason.unwrap_or(Reason::CollectorLost),
+            ));
+            d.conn = None;
+        } else if owner.generation > conn.generation {
             // A newer connection elsewhere: this one is replaced.
             info!(device = id, generation = conn.generation, newer = owner.generation, "replaced on another node");
             let _ = conn.tx.try_send(Outbound::Close(
@@ -637,9 +660,13 @@ fn apply_owner(d: &mut Device, id: &str, owner: &Owner, me: &str) {
     }
     if owner.generation >= d.record.generation {
         d.record.generation = owner.generation;
-        // Without an owner the device shows offline at once; the node that
-        // ended the connection writes the record with the reason.
         d.owner = owner.node.clone().filter(|n| n != me || d.conn.is_some());
+        // Without an owner the device shows offline at once, with the
+        // reason; the node that ended the connection writes the record.
+        if owner.node.is_none() && d.record.online {
+            d.record.online = false;
+            d.record.last_offline_reason = owner.reason;
+        }
     }
 }
 

@@ -172,8 +172,15 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a delivered entry. Durable.
     async fn remove_outbox(&self, id: u64) -> Result<()>;
 
-    /// Writes this node's heartbeat (cluster mode).
+    /// Sends this node's heartbeat (cluster mode): other nodes see it as a
+    /// [`Change::Node`].
     async fn heartbeat(&self, _node: &NodeRecord) -> Result<()> {
+        Ok(())
+    }
+    /// Whether this node can use the shared store now: connected, and the
+    /// store has a quorum (cluster mode). A node that fails this for long
+    /// must stop serving devices.
+    async fn check(&self) -> Result<()> {
         Ok(())
     }
     /// Every node's last heartbeat (cluster mode).

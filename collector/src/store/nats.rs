@@ -58,6 +58,9 @@ const NODES: &str = "pulsebell_nodes";
 const META: &str = "pulsebell_meta";
 const EVENTS: &str = "PULSEBELL_EVENTS";
 const EVENTS_PREFIX: &str = "pulsebell.events";
+/// Core NATS subject of heartbeats (`.<node>`): not JetStream, so a stream
+/// leader election never delays them.
+const HEARTBEAT_PREFIX: &str = "pulsebell.heartbeat";
 
 /// How long bells are kept.
 const BELL_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -825,7 +828,32 @@ impl Store for NatsStore {
     }
 
     async fn heartbeat(&self, node: &NodeRecord) -> Result<()> {
-        publish(&self.js, format!("$KV.{NODES}.{}", node.id), encode(node)?, None).await
+        let bytes = encode(node)?;
+        self.client
+            .publish(format!("{HEARTBEAT_PREFIX}.{}", node.id), bytes.clone())
+            .await
+            .map_err(|e| err("publishing the heartbeat", e))?;
+        // Also kept in a bucket, so `cluster` knows nodes that are gone;
+        // best effort, never waited for.
+        let js = self.js.clone();
+        let subject = format!("$KV.{NODES}.{}", node.id);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, js.publish(subject, bytes)).await;
+        });
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<()> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(StoreError::Unavailable("not connected to NATS".into()));
+        }
+        // Answered by the JetStream meta leader: fails without a quorum
+        // (a server cut off from the others).
+        match tokio::time::timeout(Duration::from_secs(2), self.js.query_account()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("JetStream: {e}"))),
+            Err(_) => Err(StoreError::Unavailable("JetStream did not answer".into())),
+        }
     }
 
     async fn nodes(&self) -> Result<Vec<NodeRecord>> {
@@ -861,10 +889,30 @@ impl Store for NatsStore {
             kv::Operation::Put => decode_counted(&c, BELLS, &e.key, &e.value).map(Change::Bell),
             _ => None,
         });
-        let c = corrupt;
-        spawn_watch(b.nodes, tx, Some(WATCH_QUIET), move |e| match e.operation {
+        let c = corrupt.clone();
+        spawn_watch(b.nodes, tx.clone(), Some(WATCH_QUIET), move |e| match e.operation {
             kv::Operation::Put => decode_counted(&c, NODES, &e.key, &e.value).map(Change::Node),
             _ => None,
+        });
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            // The subscription is restored by the client after a reconnect.
+            let mut sub = loop {
+                match client.subscribe(format!("{HEARTBEAT_PREFIX}.*")).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        warn!(error = %e, "cannot subscribe to heartbeats; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            while let Some(m) = sub.next().await {
+                if let Some(n) = decode_counted(&corrupt, "heartbeat", m.subject.as_str(), &m.payload) {
+                    if tx.send(Change::Node(n)).await.is_err() {
+                        return;
+                    }
+                }
+            }
         });
         let _ = &self.node;
         Some(rx)

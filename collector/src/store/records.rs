@@ -283,6 +283,9 @@ pub struct NodeRecord {
     /// Its device endpoint, for operators.
     #[serde(default)]
     pub device_addr: Option<String>,
+    /// Heartbeats sent by this process: with `started_ms`, orders them.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// What happened, for alerts.
