@@ -73,7 +73,7 @@ pub fn admin_token(data_dir: &Path) -> anyhow::Result<String> {
 /// JetStream in cluster mode (retrying until the servers answer).
 pub async fn open_store(config: &Config, node: &str) -> anyhow::Result<Arc<dyn Store>> {
     if config.cluster.enabled() {
-        Ok(Arc::new(NatsStore::connect(&config.cluster, node).await?))
+        Ok(Arc::new(NatsStore::connect(&config.cluster, node, config.history_retention).await?))
     } else {
         Ok(Arc::new(SledStore::open(&config.data_dir.join("db"), config.sled_cache_mb * 1024 * 1024)?))
     }

@@ -404,6 +404,12 @@ fn migrate_moves_a_single_collector_into_the_cluster() {
     if nats_or_skip("migrate_moves_a_single_collector_into_the_cluster").is_none() {
         return;
     }
+    if pulsebell_tests::skip_on_nats(
+        "migrate_moves_a_single_collector_into_the_cluster",
+        "migrates a sled data dir, so its single collector must run on sled (the sled run covers it)",
+    ) {
+        return;
+    }
     let tmp = tempdir();
     let single_dir = tmp.path().join("single");
     fs::create_dir_all(&single_dir).expect("dir");
@@ -469,4 +475,122 @@ fn migrate_moves_a_single_collector_into_the_cluster() {
     let out = node.cli_ok(&["bell", "pi-a", "mark", "--json"]);
     let next: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
     assert!(next[0]["id"].as_u64().unwrap() > queued_id, "{next}");
+}
+
+/// Bad conditions get a clear answer: a malformed NATS URL is a config
+/// error (exit 64, naming the key); unreachable NATS is retried, saying
+/// which URLs; too few servers for the replicas names the setting.
+#[test]
+fn bad_cluster_conditions_get_clear_answers() {
+    let Some(_) = nats_or_skip("bad_cluster_conditions_get_clear_answers") else { return };
+    let tmp = tempdir();
+    let serve = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(pulsebell_tests::collector_bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(extra);
+        cmd
+    };
+    let out = pulsebell_tests::run_with_timeout(serve(&["--nats", "http://not-nats"]), Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(64), "{}", pulsebell_tests::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cluster.nats_urls[0]"),
+        "{}",
+        pulsebell_tests::describe(&out)
+    );
+
+    // Unreachable: keeps retrying and says where it tried.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("nats://{closed}");
+    let mut child = serve(&["--nats", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn collector");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut tries = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tries < 2 {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a retry line");
+        if line.contains("cannot reach NATS") {
+            assert!(line.contains(&url), "names the URL: {line}");
+            tries += 1;
+        }
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still running, still retrying");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // One server cannot hold 3 replicas.
+    let nats_dir = tmp.path().join("nats");
+    fs::create_dir_all(&nats_dir).unwrap();
+    let nats = NatsCluster::start(1, &nats_dir);
+    let config = tmp.path().join("r3.toml");
+    fs::write(&config, format!("[cluster]\nnats_urls = [{}]\nreplicas = 3\n", toml_str(&nats.url(0)))).unwrap();
+    let out =
+        pulsebell_tests::run_with_timeout(serve(&["--config", config.to_str().unwrap()]), Duration::from_secs(30));
+    assert!(!out.status.success(), "{}", pulsebell_tests::describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.replicas") && err.contains("3 replicas"), "{}", pulsebell_tests::describe(&out));
+}
+
+/// A record in a bucket that does not decode is logged with its bucket and
+/// key, skipped, and counted in /metrics; everything else keeps working.
+#[test]
+fn an_undecodable_record_is_skipped_and_counted() {
+    if nats_or_skip("an_undecodable_record_is_skipped_and_counted").is_none() {
+        return;
+    }
+    let tmp = tempdir();
+    let nats_dir = tmp.path().join("nats");
+    fs::create_dir_all(&nats_dir).unwrap();
+    let nats = NatsCluster::start(1, &nats_dir);
+    let dir = tmp.path().join("c1");
+    fs::create_dir_all(&dir).unwrap();
+    let mut node = Collector::start_cluster_node(&dir, &nats.urls(), "c1", None, "");
+    node.enroll("pi-ok");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url(0)).await.expect("connect to NATS");
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value("pulsebell_devices").await.expect("devices bucket");
+        kv.put("garbage-device", bytes::Bytes::from_static(b"{not json")).await.expect("put garbage");
+    });
+    // Seen live by the watch, and again on a restart.
+    node.stop();
+    node.restart();
+    assert!(node.log().contains("pulsebell_devices") && node.log().contains("garbage-device"), "{}", node.log().text());
+    assert!(find_device(&node.status(), "pi-ok").is_some());
+    let metrics = rt.block_on(async {
+        let token = fs::read_to_string(node.data_dir().join("admin.token")).unwrap();
+        let addr = node.admin_url().trim_start_matches("http://").to_string();
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            token.trim()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    });
+    let count: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pulsebell_store_corrupt_records_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no corrupt-records counter in:\n{metrics}"));
+    assert!(count >= 1.0, "{metrics}");
 }

@@ -51,7 +51,7 @@ pub async fn migrate(from: &Path, nats: &str, replicas: Option<usize>) -> anyhow
         replicas,
         ..ClusterConfig::default()
     };
-    let nats = NatsStore::connect(&cfg, "migrate").await?;
+    let nats = NatsStore::connect(&cfg, "migrate", crate::config::Config::default().history_retention).await?;
 
     let enrolments = sled.enrolments().await?;
     nats.put_enrolments(&enrolments).await?;

@@ -176,8 +176,9 @@ async fn connect(cfg: &ClusterConfig, node: &str) -> anyhow::Result<async_nats::
 }
 
 impl NatsStore {
-    /// Connects and creates (or opens) every bucket and stream.
-    pub async fn connect(cfg: &ClusterConfig, node: &str) -> anyhow::Result<NatsStore> {
+    /// Connects and creates (or opens) every bucket and stream; history is
+    /// kept for `history_retention`.
+    pub async fn connect(cfg: &ClusterConfig, node: &str, history_retention: Duration) -> anyhow::Result<NatsStore> {
         let client = connect(cfg, node).await?;
         let js = jetstream::new(client.clone());
         let info = client.server_info();
@@ -214,7 +215,7 @@ impl NatsStore {
             devices: bucket(DEVICES, Duration::ZERO).await?,
             owners: bucket(OWNERS, Duration::ZERO).await?,
             bells: bucket(BELLS, BELL_RETENTION).await?,
-            history: bucket(HISTORY, Duration::from_secs(7 * 24 * 3600)).await?,
+            history: bucket(HISTORY, history_retention).await?,
             outbox: bucket(OUTBOX, Duration::ZERO).await?,
             nodes: bucket(NODES, Duration::from_secs(24 * 3600)).await?,
             meta: bucket(META, Duration::ZERO).await?,
