@@ -25,10 +25,23 @@ fn init_logging(server: bool, demo: bool) {
         "warn"
     };
     let filter = EnvFilter::try_from_env("PULSEBELL_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().init();
     } else {
         builder.init();
     }
+}
+
+/// Colour only on a terminal, and never with `NO_COLOR` set (no-color.org)
+/// or under journald.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::env::var_os("JOURNAL_STREAM").is_none()
 }

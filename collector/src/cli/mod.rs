@@ -37,8 +37,32 @@ pub struct Cli {
     pub command: Command,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 10m, 1h"))
+/// A command-line duration: `30s`, `10m`, `1h 30m`, or a bare number of
+/// seconds (`8`, `2.5`), which is what people type.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 && secs < 1e9 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("`{s}` is not a duration: seconds must be between 0 and 1e9"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 8, 30s, 10m, 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_bare_seconds_and_units() {
+        assert_eq!(parse_duration("8"), Ok(Duration::from_secs(8)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+    }
 }
 
 /// Subcommands.
