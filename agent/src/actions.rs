@@ -45,6 +45,8 @@ struct Inner {
     journal: Mutex<Journal>,
     /// Cancel senders of running actions.
     running: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// The bell whose action is rebooting the board, if any.
+    rebooting: Mutex<Option<u64>>,
     /// The current session's report channel; `None` while disconnected
     /// (final reports are journaled and re-sent when the bell is
     /// re-delivered).
@@ -101,6 +103,7 @@ impl Executor {
                 boot_id,
                 journal: Mutex::new(journal),
                 running: Mutex::new(HashMap::new()),
+                rebooting: Mutex::new(None),
                 reports: Mutex::new(None),
             }),
         };
@@ -209,6 +212,9 @@ impl Executor {
         }
         let (cancel_tx, cancel_rx) = oneshot::channel();
         self.inner.running.lock().expect("running lock").insert(bell.id, cancel_tx);
+        if action.reboots {
+            *self.inner.rebooting.lock().expect("rebooting lock") = Some(bell.id);
+        }
         self.emit(report(bell.id, BellState::Running, None));
         info!(bell = bell.id, action = %bell.action, "running action");
         let this = self.clone();
@@ -221,6 +227,9 @@ impl Executor {
             let started = std::time::Instant::now();
             let mut r = execute(bell.id, &argv, &env, timeout, cancel_rx).await;
             this.inner.running.lock().expect("running lock").remove(&bell.id);
+            if action.reboots && r.state != BellState::Succeeded {
+                this.inner.rebooting.lock().expect("rebooting lock").take();
+            }
             if action.reboots && r.state == BellState::Succeeded {
                 // The reboot was requested; success is a new boot id, seen
                 // by the next agent start. Fail if it never comes.
@@ -243,6 +252,12 @@ impl Executor {
                 Some("the board did not reboot (boot id unchanged) within the timeout".into()),
             ));
         });
+    }
+
+    /// The bell rebooting the board, if one is (the agent's own stop is
+    /// then part of it).
+    pub fn rebooting(&self) -> Option<u64> {
+        *self.inner.rebooting.lock().expect("rebooting lock")
     }
 
     /// Stops a running bell (SIGTERM to its process group, then SIGKILL).

@@ -62,16 +62,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     let watchdog = tokio::spawn(watchdog_loop(pulse_rx.clone(), config.interval));
     notify_ready();
-    let mut agent = Agent { config, dialers, facts, pulse_rx, executor };
+    let (stop_tx, stop) = watch::channel(false);
+    let mut agent = Agent { config, dialers, facts, pulse_rx, executor, stop };
     tokio::pin!(shutdown);
-    tokio::select! {
-        () = agent.connect_loop() => {}
-        () = &mut shutdown => info!("shutting down"),
+    {
+        let connected = agent.connect_loop();
+        tokio::pin!(connected);
+        tokio::select! {
+            () = &mut connected => {}
+            () = &mut shutdown => {
+                info!("shutting down");
+                // Say goodbye (close 1001), so a planned stop is not taken
+                // for a crash.
+                let _ = stop_tx.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut connected).await;
+            }
+        }
     }
     sampler.abort();
     watchdog.abort();
     agent.executor.shutdown().await;
     Ok(())
+}
+
+/// Resolves once the agent is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// Samples health every `interval` and publishes the newest pulse.
@@ -99,6 +115,8 @@ struct Agent {
     facts: SystemFacts,
     pulse_rx: watch::Receiver<Option<Pulse>>,
     executor: Executor,
+    /// Turns true when the agent is stopping.
+    stop: watch::Receiver<bool>,
 }
 
 /// Why a session ended.
@@ -110,6 +128,8 @@ enum SessionEnd {
     Silent,
     /// Read or write failed.
     Error(String),
+    /// The agent is stopping (SIGTERM): it said goodbye.
+    Stopping,
 }
 
 /// What was last logged about one collector, so that a collector failing
@@ -134,10 +154,17 @@ impl Agent {
             if self.attempt(quiet).instrument(span).await {
                 backoff.reset();
             }
+            if *self.stop.borrow() {
+                return;
+            }
             self.dialers.advance();
             let delay = backoff.next_delay(&mut rng);
             debug!(?delay, next = %self.dialers.current().url().url, "reconnecting after backoff");
-            tokio::time::sleep(delay).await;
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stopped(&mut stop) => return,
+            }
         }
     }
 
@@ -175,6 +202,7 @@ impl Agent {
                         warn!("nothing heard from the collector for {} intervals; reconnecting", SILENCE_INTERVALS)
                     }
                     SessionEnd::Error(e) => warn!(error = %e, "connection lost"),
+                    SessionEnd::Stopping => info!("said goodbye to the collector"),
                 }
                 *last_close = match end {
                     SessionEnd::Closed(Some(c)) => Some(c),
@@ -228,8 +256,10 @@ impl Agent {
         self.pulse_rx.mark_unchanged();
         let (report_tx, mut report_rx) = mpsc::channel::<BellReport>(64);
         self.executor.attach(report_tx).await;
+        let mut stop = self.stop.clone();
         let end = loop {
             tokio::select! {
+                () = stopped(&mut stop) => break SessionEnd::Stopping,
                 changed = self.pulse_rx.changed() => {
                     if changed.is_err() {
                         break SessionEnd::Error("sampler stopped".into());
@@ -265,8 +295,20 @@ impl Agent {
             }
         };
         self.executor.detach().await;
-        if !matches!(end, SessionEnd::Closed(_) | SessionEnd::Error(_)) {
-            let frame = CloseFrame { code: CloseCode::Normal, reason: "reconnecting".into() };
+        let frame = match &end {
+            SessionEnd::Closed(_) | SessionEnd::Error(_) => None,
+            SessionEnd::Silent => Some(CloseFrame { code: CloseCode::Normal, reason: "reconnecting".into() }),
+            // The collector records a planned stop (`agent_stopped`) or a
+            // reboot bell's own stop (`rebooting`) instead of a failure.
+            SessionEnd::Stopping => Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: match self.executor.rebooting() {
+                    Some(bell) => format!("{}{bell}", close::REBOOTING_PREFIX).into(),
+                    None => close::AGENT_STOPPING.into(),
+                },
+            }),
+        };
+        if let Some(frame) = frame {
             let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
         }
         end

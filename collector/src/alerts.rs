@@ -73,7 +73,9 @@ impl Alerts {
 
     /// Whether alerts of `kind` are wanted.
     pub fn wants(&self, kind: AlertKind) -> bool {
-        self.config.events.is_empty() || self.config.events.iter().any(|e| e == kind.as_str())
+        // A planned agent stop is news only to those who ask for it.
+        let default = self.config.events.is_empty() && kind != AlertKind::AgentStopped;
+        default || self.config.events.iter().any(|e| e == kind.as_str())
     }
 
     /// Writes wanted alerts to the outbox (durable) and wakes the sender.

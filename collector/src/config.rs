@@ -155,7 +155,8 @@ pub struct AlertsConfig {
     /// A command (argv, no shell) that gets each alert as JSON on stdin.
     pub command: Vec<String>,
     /// Which alerts: `device_offline`, `device_online`, `under_voltage`,
-    /// `throttled`, `bell_failed`. Empty: all.
+    /// `throttled`, `bell_failed`, `agent_stopped`. Empty: all but
+    /// `agent_stopped`.
     pub events: Vec<String>,
 }
 
@@ -298,7 +299,8 @@ impl Config {
         if self.alerts.command.first().is_some_and(|c| c.is_empty()) {
             return bad("alerts.command", "must name a program: command = [\"/path/to/program\", ...]");
         }
-        const KINDS: [&str; 5] = ["device_offline", "device_online", "under_voltage", "throttled", "bell_failed"];
+        const KINDS: [&str; 6] =
+            ["device_offline", "device_online", "under_voltage", "throttled", "bell_failed", "agent_stopped"];
         if let Some(e) = self.alerts.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
             return bad("alerts.events", &format!("unknown event `{e}`; use {}", KINDS.join(", ")));
         }

@@ -124,6 +124,14 @@ pub fn ended(device: &str, record: &mut DeviceRecord, generation: u64, reason: R
             format!("{device} is offline ({reason})"),
             serde_json::json!({ "reason": reason, "generation": generation }),
         ));
+    } else if matches!(reason, Reason::AgentStopped | Reason::Rebooting) {
+        // Raised, but sent only where `[alerts] events` asks for it.
+        fx.alerts.push(Raised::new(
+            AlertKind::AgentStopped,
+            device,
+            format!("{device}: agent stopped ({reason})"),
+            serde_json::json!({ "reason": reason, "generation": generation }),
+        ));
     }
     fx
 }
@@ -204,6 +212,17 @@ mod tests {
         // After a collector shutdown: no alert.
         ended("d", &mut r, 2, Reason::CollectorShutdown, 30);
         assert!(connected("d", &mut r, hello("b"), 3, 40).alerts.is_empty());
+    }
+
+    #[test]
+    fn a_planned_stop_is_not_a_device_offline_alert() {
+        let mut r = DeviceRecord::default();
+        connected("d", &mut r, hello("b"), 1, 0);
+        let fx = ended("d", &mut r, 1, Reason::AgentStopped, 10);
+        assert_eq!(kinds(&fx), [(EventKind::Offline, Reason::AgentStopped, 1)]);
+        assert_eq!(fx.alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [AlertKind::AgentStopped]);
+        // Back after a planned stop: no "online again" alert either.
+        assert!(connected("d", &mut r, hello("b"), 2, 20).alerts.is_empty());
     }
 
     #[test]

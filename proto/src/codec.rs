@@ -48,6 +48,12 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     /// Frame larger than [`crate::MAX_FRAME`].
     pub const TOO_BIG: u16 = 1009;
+    /// Close reason of an agent that is stopping (with [`GOING_AWAY`]): a
+    /// planned stop, not a failure.
+    pub const AGENT_STOPPING: &str = "agent stopping";
+    /// Close reason prefix (with [`GOING_AWAY`]) of an agent stopping
+    /// because a bell's action is rebooting the board; the bell id follows.
+    pub const REBOOTING_PREFIX: &str = "rebooting for bell ";
     /// The collector cannot take the connection now (cut off from its
     /// cluster, overloaded): try again later, perhaps elsewhere.
     pub const TRY_AGAIN_LATER: u16 = 1013;

@@ -243,7 +243,7 @@ pub async fn run(
                         gw.fleet.rtt(&device, generation, Duration::from_micros(rtt));
                     }
                 }
-                Some(Ok(Message::Close(_))) => break End::gone(),
+                Some(Ok(Message::Close(frame))) => break agent_closed(frame.as_ref()),
                 Some(Ok(_)) => {}
             },
             out = rx.recv() => match out {
@@ -279,6 +279,19 @@ pub async fn run(
         debug!(%peer, device, generation, "connection ended");
     }
     gw.ended(&device, generation, end.reason).await;
+}
+
+/// The agent closed the connection: a goodbye (1001) is a planned stop (or
+/// a reboot bell's), anything else a disconnect.
+fn agent_closed(frame: Option<&CloseFrame>) -> End {
+    match frame {
+        Some(f) if u16::from(f.code) == close::GOING_AWAY => {
+            let reason =
+                if f.reason.starts_with(close::REBOOTING_PREFIX) { Reason::Rebooting } else { Reason::AgentStopped };
+            End { reason, close: None }
+        }
+        _ => End::gone(),
+    }
 }
 
 fn now_us() -> u64 {

@@ -31,6 +31,12 @@ pub enum Reason {
     CollectorLost,
     /// Offline: the collector holding it was cut off from the cluster.
     CollectorFenced,
+    /// Offline: the agent said goodbye (a planned stop: `systemctl stop`,
+    /// a shutdown).
+    AgentStopped,
+    /// Offline: the agent stopped because a bell's action is rebooting the
+    /// board.
+    Rebooting,
     /// A reason written by a newer version of the collector.
     #[serde(other)]
     Unknown,
@@ -49,6 +55,8 @@ impl Reason {
             Reason::CollectorShutdown => "collector_shutdown",
             Reason::CollectorLost => "collector_lost",
             Reason::CollectorFenced => "collector_fenced",
+            Reason::AgentStopped => "agent_stopped",
+            Reason::Rebooting => "rebooting",
             Reason::Unknown => "unknown",
         }
     }
@@ -302,6 +310,8 @@ pub enum AlertKind {
     Throttled,
     /// A bell ended failed or timed out.
     BellFailed,
+    /// The agent stopped on purpose (only when `[alerts] events` lists it).
+    AgentStopped,
 }
 
 impl AlertKind {
@@ -313,6 +323,7 @@ impl AlertKind {
             AlertKind::UnderVoltage => "under_voltage",
             AlertKind::Throttled => "throttled",
             AlertKind::BellFailed => "bell_failed",
+            AlertKind::AgentStopped => "agent_stopped",
         }
     }
 }
