@@ -127,3 +127,51 @@ fn a_planned_agent_stop_is_not_a_failure() {
     let reasons: Vec<&str> = events.as_array().unwrap().iter().filter_map(|e| e["reason"].as_str()).collect();
     assert_eq!(reasons, ["connected", "agent_stopped"], "{events}");
 }
+
+/// One device sending 50,000 pulses as fast as it can is cut off with 1008
+/// `rate_limited`, counted, and its record stays intact; an honest device
+/// on the same collector stays online.
+#[test]
+fn a_flooding_device_is_cut_off_and_an_honest_one_stays_online() {
+    use pulsebell_proto::{AgentMsg, Health, Pulse};
+    use pulsebell_tests::raw::{self, Incoming};
+    let tmp = tempdir();
+    let collector = Collector::start(tmp.path());
+    let honest_token = collector.enroll("pi-honest");
+    let flood_token = collector.enroll("pi-flood");
+    let _honest = Agent::start(&collector, "pi-honest", &honest_token, AgentOpts::default());
+    collector.wait_for_state("pi-honest", "online");
+    let ep = raw::Endpoint::of(&collector);
+    let (closed, sent) = raw::block_on(async {
+        let (mut ws, _) = raw::upgrade(&ep, Some(&format!("Bearer {flood_token}"))).await.expect("upgrade");
+        raw::send(&mut ws, &AgentMsg::Hello(raw::hello("pi-flood", 1000, &[]))).await;
+        assert!(matches!(raw::recv(&mut ws).await, Incoming::Msg(_)), "welcome");
+        let mut sent = 0u32;
+        use futures_util::SinkExt;
+        for seq in 1..=50_000u32 {
+            let bytes = pulsebell_proto::encode(&AgentMsg::Pulse(Pulse { seq, health: Health::default() })).unwrap();
+            if ws.send(tokio_tungstenite::tungstenite::Message::Binary(bytes.into())).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        // Whatever got through, the collector's close frame is what we read.
+        loop {
+            match raw::recv(&mut ws).await {
+                Incoming::Close(c) => break (c, sent),
+                Incoming::Ended(e) => break (Some((0, e)), sent),
+                Incoming::Msg(_) => {}
+            }
+        }
+    });
+    let (code, reason) = closed.expect("a close frame");
+    assert_eq!((code, reason.as_str()), (1008, "rate_limited"), "after {sent} pulses");
+    let d = collector.show("pi-flood");
+    assert_eq!(d["last_offline_reason"], "rate_limited", "{d}");
+    assert_eq!(d["state"], "offline", "{d}");
+    let honest = collector.show("pi-honest");
+    assert_eq!(honest["state"], "online", "{honest}");
+    let out = collector.cli_ok(&["events", "pi-flood", "--json"]);
+    let events: pulsebell_tests::serde_json::Value = pulsebell_tests::serde_json::from_slice(&out.stdout).unwrap();
+    assert!(events.as_array().unwrap().iter().any(|e| e["reason"] == "rate_limited"), "{events}");
+}

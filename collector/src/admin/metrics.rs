@@ -109,6 +109,11 @@ pub async fn render(state: &AdminState) -> String {
         counter(s.bytes_received.load(Ordering::Relaxed)),
     );
     r.register("handshakes", "Device connections accepted (Hello)", counter(s.handshakes.load(Ordering::Relaxed)));
+    r.register(
+        "rate_limited",
+        "Device connections closed for sending far above their announced rate (1008 rate_limited)",
+        counter(s.rate_limited.load(Ordering::Relaxed)),
+    );
     let failures = Family::<Labels, Counter<u64>>::default();
     for (reason, n) in s.handshake_failures.lock().expect("stats lock").iter() {
         failures.get_or_create(&vec![("reason".into(), reason.to_string())]).inc_by(*n);

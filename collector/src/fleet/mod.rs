@@ -121,8 +121,8 @@ pub struct Stats {
     pub handshakes: AtomicU64,
     /// Device records written to the store.
     pub records_written: AtomicU64,
-    /// Records in the store that did not decode and were skipped.
-    pub corrupt_records: AtomicU64,
+    /// Connections closed for sending far above their announced rate.
+    pub rate_limited: AtomicU64,
     /// Failed handshakes by reason.
     pub handshake_failures: Mutex<HashMap<&'static str, u64>>,
     /// Latency of durable store writes (device batches, bells), seconds.
@@ -138,7 +138,7 @@ impl Default for Stats {
             connections: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
             records_written: AtomicU64::new(0),
-            corrupt_records: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             handshake_failures: Mutex::new(HashMap::new()),
             store_write_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),

@@ -34,6 +34,38 @@ use crate::store::Reason;
 
 type Ws = WebSocketStream<TlsStream<TcpStream>>;
 
+/// A device may send this many times its announced pulse rate...
+pub const RATE_FACTOR: f64 = 10.0;
+/// ...plus a burst of this many messages (a reconnect with queued bell
+/// reports, a few bells at once).
+pub const RATE_BURST: f64 = 50.0;
+
+/// A token bucket over one connection's messages.
+struct RateLimit {
+    tokens: f64,
+    per_sec: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(interval: Duration) -> RateLimit {
+        RateLimit { tokens: RATE_BURST, per_sec: RATE_FACTOR / interval.as_secs_f64(), last: Instant::now() }
+    }
+
+    /// Takes one message; false when over budget.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec).min(RATE_BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// How a session ended, and what that means for liveness.
 struct End {
     /// Offline reason recorded for the device.
@@ -211,6 +243,7 @@ pub async fn run(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut last_sent = Instant::now();
+    let mut budget = RateLimit::new(interval);
     let end = loop {
         tokio::select! {
             frame = ws.next() => match frame {
@@ -218,6 +251,10 @@ pub async fn run(
                 Some(Err(e)) => break read_error_end(e),
                 Some(Ok(Message::Binary(bytes))) => {
                     gw.fleet.stats.bytes_received.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    if !budget.take() {
+                        gw.fleet.stats.rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        break End::closing(Reason::RateLimited, close::POLICY, "rate_limited");
+                    }
                     match decode::<AgentMsg>(&bytes) {
                         Ok(AgentMsg::Pulse(p)) => {
                             if !gw.fleet.pulse(&device, generation, p) {

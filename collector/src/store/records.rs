@@ -31,6 +31,9 @@ pub enum Reason {
     CollectorLost,
     /// Offline: the collector holding it was cut off from the cluster.
     CollectorFenced,
+    /// Offline: the device sent far more than its announced rate and was
+    /// cut off.
+    RateLimited,
     /// Offline: the agent said goodbye (a planned stop: `systemctl stop`,
     /// a shutdown).
     AgentStopped,
@@ -55,6 +58,7 @@ impl Reason {
             Reason::CollectorShutdown => "collector_shutdown",
             Reason::CollectorLost => "collector_lost",
             Reason::CollectorFenced => "collector_fenced",
+            Reason::RateLimited => "rate_limited",
             Reason::AgentStopped => "agent_stopped",
             Reason::Rebooting => "rebooting",
             Reason::Unknown => "unknown",
@@ -64,7 +68,7 @@ impl Reason {
     /// Whether an offline for this reason is worth an alert (the device's
     /// problem, not the collector's own restart or an operator's action).
     pub fn alerts(self) -> bool {
-        matches!(self, Reason::Silent | Reason::Disconnected)
+        matches!(self, Reason::Silent | Reason::Disconnected | Reason::RateLimited)
     }
 }
 
