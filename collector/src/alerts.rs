@@ -52,6 +52,33 @@ impl Raised {
     }
 }
 
+/// TLS for `https://` webhooks: the public roots (webpki-roots), plus the
+/// CAs in `ca_file` for a private receiver; rustls with ring; certificates
+/// always verified.
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use anyhow::Context;
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let mut n = 0;
+        for cert in CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("alerts.ca_file: cannot read {}", path.display()))?
+        {
+            let cert = cert.with_context(|| format!("alerts.ca_file: {} is not PEM", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("alerts.ca_file: a certificate in {} is not usable", path.display()))?;
+            n += 1;
+        }
+        anyhow::ensure!(n > 0, "alerts.ca_file: no certificate in {}", path.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The sender.
 pub struct Alerts {
     config: AlertsConfig,
@@ -63,12 +90,16 @@ pub struct Alerts {
 
 impl Alerts {
     /// `None` when no sink is configured (then nothing is raised at all).
-    pub fn new(config: AlertsConfig, store: Arc<dyn Store>, node: String) -> Option<Arc<Alerts>> {
+    /// Fails when `[alerts] ca_file` cannot be read.
+    pub fn new(config: AlertsConfig, store: Arc<dyn Store>, node: String) -> anyhow::Result<Option<Arc<Alerts>>> {
         if config.webhooks.is_empty() && config.command.is_empty() {
-            return None;
+            return Ok(None);
         }
-        let http = reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build().ok()?;
-        Some(Arc::new(Alerts { config, store, node, http, wake: Notify::new() }))
+        let http = reqwest::Client::builder()
+            .timeout(ATTEMPT_TIMEOUT)
+            .use_preconfigured_tls(tls_config(config.ca_file.as_deref())?)
+            .build()?;
+        Ok(Some(Arc::new(Alerts { config, store, node, http, wake: Notify::new() })))
     }
 
     /// Whether alerts of `kind` are wanted.

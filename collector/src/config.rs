@@ -154,6 +154,9 @@ pub struct AlertsConfig {
     pub webhooks: Vec<String>,
     /// A command (argv, no shell) that gets each alert as JSON on stdin.
     pub command: Vec<String>,
+    /// CA certificates (PEM) trusted for `https://` webhooks besides the
+    /// public roots (a private receiver).
+    pub ca_file: Option<PathBuf>,
     /// Which alerts: `device_offline`, `device_online`, `under_voltage`,
     /// `throttled`, `bell_failed`, `agent_stopped`. Empty: all but
     /// `agent_stopped`.
@@ -294,6 +297,11 @@ impl Config {
         for (i, url) in self.alerts.webhooks.iter().enumerate() {
             if !(url.starts_with("http://") || url.starts_with("https://")) || url.parse::<reqwest::Url>().is_err() {
                 return bad(&format!("alerts.webhooks[{i}]"), "must be an http:// or https:// URL");
+            }
+        }
+        if let Some(path) = &self.alerts.ca_file {
+            if let Err(e) = std::fs::metadata(path) {
+                return bad("alerts.ca_file", &format!("cannot read {}: {e}", path.display()));
             }
         }
         if self.alerts.command.first().is_some_and(|c| c.is_empty()) {

@@ -91,7 +91,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let changes = store.changes();
     let fleet = Fleet::load(config.clone(), node.clone(), store.clone()).await?;
     let bells = Bells::load(fleet.clone(), config.bell_ttl).await?;
-    let alerts = Alerts::new(config.alerts.clone(), store.clone(), node.clone());
+    let alerts = Alerts::new(config.alerts.clone(), store.clone(), node.clone())?;
 
     let device_listener = bind_devices(config.listen, config.limits.accept_backlog)
         .with_context(|| format!("cannot listen for devices on {}", config.listen))?;

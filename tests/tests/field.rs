@@ -175,3 +175,134 @@ fn a_flooding_device_is_cut_off_and_an_honest_one_stays_online() {
     let events: pulsebell_tests::serde_json::Value = pulsebell_tests::serde_json::from_slice(&out.stdout).unwrap();
     assert!(events.as_array().unwrap().iter().any(|e| e["reason"] == "rate_limited"), "{events}");
 }
+
+/// An HTTPS webhook receiver with its own CA: serves TLS with a leaf signed
+/// by a fresh CA (written to `ca.pem`), records POST bodies.
+struct HttpsReceiver {
+    url: String,
+    ca_file: std::path::PathBuf,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<pulsebell_tests::serde_json::Value>>>,
+}
+
+impl HttpsReceiver {
+    fn start(dir: &std::path::Path) -> HttpsReceiver {
+        use std::sync::Arc;
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Receiver test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+        let leaf =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &issuer).unwrap();
+        let ca_file = dir.join("receiver-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let url = format!("https://localhost:{}/hook", std_listener.local_addr().unwrap().port());
+        let bodies = Arc::new(std::sync::Mutex::new(vec![]));
+        let sink = bodies.clone();
+        let serve = async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let mut reader = BufReader::new(tls);
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).await.is_ok() {
+                        if let Ok(v) = pulsebell_tests::serde_json::from_slice(&body) {
+                            sink.lock().unwrap().push(v);
+                        }
+                    }
+                    let _ = reader
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                    let _ = reader.get_mut().shutdown().await;
+                });
+            }
+        };
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(serve);
+        });
+        HttpsReceiver { url, ca_file, bodies }
+    }
+}
+
+/// `https://` webhooks work, to a private receiver trusted through
+/// `[alerts] ca_file`; the certificate is verified.
+#[test]
+fn https_webhooks_reach_a_private_receiver() {
+    let tmp = tempdir();
+    let hook = HttpsReceiver::start(tmp.path());
+    let config = format!(
+        "[alerts]\nwebhooks = [{}]\nca_file = {}\n",
+        pulsebell_tests::toml_str(&hook.url),
+        pulsebell_tests::toml_str(hook.ca_file.to_str().unwrap())
+    );
+    let collector = Collector::start_with_config(tmp.path(), &config);
+    let token = collector.enroll("pi-https");
+    let agent = Agent::start(&collector, "pi-https", &token, AgentOpts::default());
+    collector.wait_for_state("pi-https", "online");
+    drop(agent); // a crash: device_offline
+    let got = pulsebell_tests::wait_until("the alert over HTTPS", Duration::from_secs(30), || {
+        let bodies = hook.bodies.lock().unwrap();
+        match bodies.iter().find(|b| b["kind"] == "device_offline") {
+            Some(b) => Ok(b.clone()),
+            None => Err(format!("{bodies:?}")),
+        }
+    });
+    assert_eq!(got["device"], "pi-https", "{got}");
+    assert!(got["idempotency_key"].as_str().is_some_and(|k| k.starts_with("pulsebell-")), "{got}");
+}
+
+/// Without the receiver's CA, the certificate is refused: nothing is
+/// delivered, and the attempt is logged.
+#[test]
+fn https_webhooks_verify_the_receiver() {
+    let tmp = tempdir();
+    let hook = HttpsReceiver::start(tmp.path());
+    let config = format!("[alerts]\nwebhooks = [{}]\n", pulsebell_tests::toml_str(&hook.url));
+    let collector = Collector::start_with_config(tmp.path(), &config);
+    let token = collector.enroll("pi-unverified");
+    let agent = Agent::start(&collector, "pi-unverified", &token, AgentOpts::default());
+    collector.wait_for_state("pi-unverified", "online");
+    drop(agent);
+    pulsebell_tests::wait_until("a failed delivery in the log", Duration::from_secs(30), || {
+        if collector.log().contains("alert delivery failed") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    assert!(hook.bodies.lock().unwrap().is_empty());
+}
