@@ -1018,6 +1018,14 @@ impl Agent {
         status
     }
 
+    /// Sends SIGKILL and reaps the process: a crash (or power loss), with no
+    /// goodbye to the collector.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent is not running");
+        let status = signal_and_wait(&mut child, Signal::KILL, "agent");
+        self.log.note(&format!("---- killed with SIGKILL: {status} ----"));
+    }
+
     /// Starts the agent again with the same config (after [`Agent::stop`]).
     pub fn restart(&mut self) {
         if let Some(mut child) = self.child.take() {

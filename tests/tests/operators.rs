@@ -904,7 +904,7 @@ fn alerts_reach_webhooks_and_commands() {
     assert!(d["bell"].as_u64().is_some(), "details.bell: {}", failed.body);
 
     // Offline, then online again.
-    agent.stop();
+    agent.kill9(); // a crash: a planned stop (SIGTERM) is `agent_stopped`, not an alert
     let offline = receiver.wait_for_alert("device_offline", id, ALERT_TIMEOUT);
     assert_alert_shape(&offline, "device_offline", id);
     assert_liveness_details(&offline, &["disconnected", "silent"]);
@@ -958,7 +958,7 @@ fn alerts_wait_for_a_receiver_that_is_down() {
     collector.wait_for_online_with_health(id);
 
     // Offline while nobody listens: at least two attempts fail.
-    agent.stop();
+    agent.kill9(); // a crash: a planned stop (SIGTERM) is `agent_stopped`, not an alert
     let failures = wait_until("two failed deliveries in the collector's log", ALERT_TIMEOUT, || {
         let ids = failed_alert_ids(collector.log());
         if ids.len() >= 2 {
@@ -1001,7 +1001,7 @@ fn alerts_retry_with_backoff_and_survive_a_restart() {
 
     // The receiver answers 503: the collector retries with backoff
     // ("1 s doubling, jittered" by at most a quarter).
-    agent.stop();
+    agent.kill9(); // a crash: a planned stop (SIGTERM) is `agent_stopped`, not an alert
     let attempts = wait_until("three attempts of the offline alert", Duration::from_secs(30), || {
         let hooks = receiver.hooks();
         if hooks.len() >= 3 {
