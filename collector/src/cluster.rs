@@ -6,11 +6,11 @@
 //!   fleet and bells, so every node answers `status`, `show`, `bells`,
 //!   `--wait`, `/metrics` and the dashboard for the whole fleet, and the
 //!   node holding a device's connection sees bells rung anywhere.
-//! - **Heartbeat**: every `lost_after / 8` the node sends its heartbeat on
+//! - **Heartbeat**: every `lost_after / 16` the node sends its heartbeat on
 //!   core NATS (not JetStream: a stream leader election must not look like
 //!   a dead node) and checks that it can use the store
 //!   ([`Store::check`]: connected, and JetStream has a quorum).
-//! - **Fencing**: a node whose check has failed for `3/4 · lost_after` is
+//! - **Fencing**: a node whose check has failed for `5/8 · lost_after` is
 //!   cut off: it closes its devices with 1013 ("try again later") and
 //!   refuses new ones until the check passes again. Other nodes wait the
 //!   full `lost_after` before declaring it lost, so two nodes never both
@@ -181,7 +181,7 @@ async fn heartbeat(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let store: &Arc<dyn Store> = gw.fleet.store();
-    let mut tick = tokio::time::interval(lost_after / 8);
+    let mut tick = tokio::time::interval(lost_after / 16);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     let mut fenced = false;
@@ -218,7 +218,7 @@ async fn heartbeat(
             Ok(Err(e)) => warn!(error = %e, "the cluster store is unavailable"),
             Err(_) => warn!("the cluster store check timed out"),
         }
-        if !fenced && last_ok.elapsed() >= lost_after * 3 / 4 {
+        if !fenced && last_ok.elapsed() >= lost_after * 5 / 8 {
             // Others will declare this node lost at `lost_after`: stop
             // owning devices before, so no device has two owners.
             fenced = true;

@@ -136,6 +136,29 @@ pub fn ended(device: &str, record: &mut DeviceRecord, generation: u64, reason: R
     fx
 }
 
+/// Puts each device's events in generation order, keeping the slots of the
+/// overall (arrival) order: in a cluster, the node that held an older
+/// connection may write its last event after the node holding the newer
+/// one wrote its first (a node cut off from the store writes when it is
+/// back). Within a generation, arrival order stands.
+pub fn order_events(events: &mut [EventRecord]) {
+    use std::collections::HashMap;
+    let mut slots: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, e) in events.iter().enumerate() {
+        slots.entry(e.device.clone()).or_default().push(i);
+    }
+    for idx in slots.values() {
+        if idx.windows(2).all(|w| events[w[0]].generation <= events[w[1]].generation) {
+            continue;
+        }
+        let mut mine: Vec<EventRecord> = idx.iter().map(|&i| events[i].clone()).collect();
+        mine.sort_by_key(|e| e.generation); // stable
+        for (&i, e) in idx.iter().zip(mine) {
+            events[i] = e;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +246,36 @@ mod tests {
         assert_eq!(fx.alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [AlertKind::AgentStopped]);
         // Back after a planned stop: no "online again" alert either.
         assert!(connected("d", &mut r, hello("b"), 2, 20).alerts.is_empty());
+    }
+
+    #[test]
+    fn events_of_a_device_come_out_in_generation_order() {
+        let e = |d: &str, g: u64, r: Reason| EventRecord {
+            device: d.into(),
+            kind: EventKind::Offline,
+            reason: r,
+            at_ms: 0,
+            generation: g,
+        };
+        let mut v = vec![
+            e("a", 1, Reason::Connected),
+            e("b", 1, Reason::Connected),
+            e("a", 2, Reason::Connected),
+            e("a", 1, Reason::CollectorFenced),
+            e("b", 1, Reason::Silent),
+        ];
+        order_events(&mut v);
+        let got: Vec<(&str, u64, Reason)> = v.iter().map(|e| (e.device.as_str(), e.generation, e.reason)).collect();
+        assert_eq!(
+            got,
+            [
+                ("a", 1, Reason::Connected),
+                ("b", 1, Reason::Connected),
+                ("a", 1, Reason::CollectorFenced),
+                ("a", 2, Reason::Connected),
+                ("b", 1, Reason::Silent),
+            ]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   collector's [`Welcome`] answer.
 //! - [`pulse`]: [`Pulse`] and the fixed-point [`Health`] sample it carries.
 //! - [`bell`]: ready bells (collector → agent commands) and their reports.
+//! - [`provision`]: zero-touch enrolment with a provisioning key.
 //! - [`view`]: the same values in human units for JSON output.
 //! - [`codec`]: the two message enums, [`AgentMsg`] and [`ServerMsg`], and
 //!   [`encode`] / [`decode`] with typed errors and limit checks.
@@ -28,6 +29,7 @@ pub mod bell;
 pub mod codec;
 pub mod hello;
 pub mod limits;
+pub mod provision;
 pub mod pulse;
 pub mod view;
 

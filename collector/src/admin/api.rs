@@ -196,12 +196,13 @@ pub async fn events(
     writeback::write_back(&state.fleet, state.alerts.as_deref()).await?;
     let since = q.since_ms.unwrap_or(0);
     let limit = q.limit.unwrap_or(1000).min(100_000);
-    let events = state
+    let mut events = state
         .fleet
         .store()
         .events(q.device.as_deref(), since, limit)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    crate::liveness::order_events(&mut events);
     Ok(Json(events.into_iter().map(EventView::from).collect()))
 }
 

@@ -244,8 +244,34 @@ pub async fn run(
     ping.tick().await;
     let mut last_sent = Instant::now();
     let mut budget = RateLimit::new(interval);
+    // Bell reports are recorded by a task of their own, in order: recording
+    // one waits for the store, and the connection must keep reading, pinging
+    // and obeying close requests meanwhile.
+    let (report_tx, mut report_rx) = mpsc::channel::<pulsebell_proto::BellReport>(64);
+    let reporter = {
+        let bells = gw.bells.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            while let Some(r) = report_rx.recv().await {
+                bells.on_report(&device, r).await;
+            }
+        })
+    };
     let end = loop {
         tokio::select! {
+            // Close requests (replaced, revoked, cut off) before anything else.
+            biased;
+            out = rx.recv() => match out {
+                Some(Outbound::Msg(msg)) => {
+                    if !send(&mut ws, &msg).await {
+                        break End::gone();
+                    }
+                    last_sent = Instant::now();
+                }
+                Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text),
+                None => break End::gone(),
+            },
+            _ = shutdown.changed() => break End::closing(Reason::CollectorShutdown, close::GOING_AWAY, "collector shutting down"),
             frame = ws.next() => match frame {
                 None => break End::gone(),
                 Some(Err(e)) => break read_error_end(e),
@@ -263,7 +289,11 @@ pub async fn run(
                             silent_at = Instant::now() + accepted.offline_after;
                             armed = true;
                         }
-                        Ok(AgentMsg::BellReport(r)) => gw.bells.on_report(&device, r).await,
+                        Ok(AgentMsg::BellReport(r)) => {
+                            if report_tx.try_send(r).is_err() {
+                                break End::closing(Reason::Disconnected, close::TRY_AGAIN_LATER, "too many bell reports pending; try again later");
+                            }
+                        }
                         Ok(AgentMsg::Hello(_)) => break End::closing(Reason::Disconnected, close::PROTOCOL, "second Hello on one connection"),
                         Err(e) => break decode_error_end(&bytes, e),
                     }
@@ -283,16 +313,7 @@ pub async fn run(
                 Some(Ok(Message::Close(frame))) => break agent_closed(frame.as_ref()),
                 Some(Ok(_)) => {}
             },
-            out = rx.recv() => match out {
-                Some(Outbound::Msg(msg)) => {
-                    if !send(&mut ws, &msg).await {
-                        break End::gone();
-                    }
-                    last_sent = Instant::now();
-                }
-                Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text),
-                None => break End::gone(),
-            },
+
             _ = ping.tick() => {
                 // Keep the agent's silence timer fed and measure the RTT.
                 if last_sent.elapsed() >= interval / 2 {
@@ -306,9 +327,13 @@ pub async fn run(
                 armed = false;
                 gw.fleet.offline(&device, generation, Reason::Silent);
             }
-            _ = shutdown.changed() => break End::closing(Reason::CollectorShutdown, close::GOING_AWAY, "collector shutting down"),
+
         }
     };
+    // Reports already received are still recorded (the agent's journal
+    // would re-send them anyway).
+    drop(report_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
     if let Some((code, reason)) = &end.close {
         info!(%peer, device, generation, code, %reason, "closing connection");
         send_close(&mut ws, *code, reason).await;
