@@ -44,6 +44,12 @@ pub mod keys {
     pub const TOKEN: &str = "token";
     /// `ca_file`
     pub const CA_FILE: &str = "ca_file";
+    /// `ca_fingerprint`: pin the collector's CA by its SHA-256.
+    pub const CA_FINGERPRINT: &str = "ca_fingerprint";
+    /// `provision_key`: enrol on first start (no token yet).
+    pub const PROVISION_KEY: &str = "provision_key";
+    /// `provision_key_file`
+    pub const PROVISION_KEY_FILE: &str = "provision_key_file";
     /// `interval`
     pub const INTERVAL: &str = "interval";
     /// `tags`
@@ -91,7 +97,10 @@ struct RawConfig {
     device_id: String,
     token_file: Option<PathBuf>,
     token: Option<String>,
+    provision_key: Option<String>,
+    provision_key_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    ca_fingerprint: Option<String>,
     #[serde(default, deserialize_with = "de_duration_opt")]
     interval: Option<Duration>,
     #[serde(default)]
@@ -177,8 +186,10 @@ pub struct Config {
     pub device_id: String,
     /// Where the token comes from.
     pub token_source: TokenSource,
-    /// CA bundle; `None` trusts webpki-roots.
+    /// CA bundle; `None` trusts webpki-roots (or the pinned CA).
     pub ca_file: Option<PathBuf>,
+    /// What the TLS connection trusts (from `ca_file` / `ca_fingerprint`).
+    pub trust: crate::uplink::tls::Trust,
     /// Pulse interval.
     pub interval: Duration,
     /// Tags.
@@ -202,6 +213,51 @@ pub enum TokenSource {
     File(PathBuf),
     /// The token itself, written in the config.
     Inline(String),
+    /// Obtained on first start with this provisioning key and kept in
+    /// `<state_dir>/device.token`.
+    Provision(KeySource),
+}
+
+/// Where the provisioning key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A file holding the key.
+    File(PathBuf),
+    /// The key itself.
+    Inline(String),
+}
+
+/// Name of the saved device token in the state directory.
+pub const SAVED_TOKEN: &str = "device.token";
+/// Name of the pinned CA saved in the state directory.
+pub const SAVED_CA: &str = "ca.pem";
+
+/// Expands `{hostname}` and `{machine_id}` in a device id template, from
+/// `<root>/proc/sys/kernel/hostname` (or `<root>/etc/hostname`) and
+/// `<root>/etc/machine-id`: one config for every board of an image.
+pub fn expand_device_id(template: &str, root: &Path) -> Result<String, ConfigError> {
+    let read = |rel: &str| std::fs::read_to_string(root.join(rel)).ok().map(|s| s.trim().to_string());
+    let mut out = template.to_string();
+    if out.contains("{hostname}") {
+        let host = read("proc/sys/kernel/hostname")
+            .filter(|h| !h.is_empty())
+            .or_else(|| read("etc/hostname").filter(|h| !h.is_empty()))
+            .ok_or_else(|| ConfigError::new(keys::DEVICE_ID, "{hostname}: cannot read the hostname"))?;
+        out = out.replace("{hostname}", &host);
+    }
+    if out.contains("{machine_id}") {
+        let id = read("etc/machine-id")
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| ConfigError::new(keys::DEVICE_ID, "{machine_id}: cannot read /etc/machine-id"))?;
+        out = out.replace("{machine_id}", &id);
+    }
+    if out.contains(['{', '}']) {
+        return Err(ConfigError::new(
+            keys::DEVICE_ID,
+            format!("`{template}`: the only placeholders are {{hostname}} and {{machine_id}}"),
+        ));
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -211,7 +267,14 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
         let config = Config::parse(&text)?;
-        config.token()?;
+        match &config.token_source {
+            TokenSource::Provision(_) => {
+                config.provision_key()?;
+            }
+            _ => {
+                config.token()?;
+            }
+        }
         if let Some(ca) = &config.ca_file {
             std::fs::metadata(ca)
                 .map_err(|e| ConfigError::new(keys::CA_FILE, format!("cannot read {}: {e}", ca.display())))?;
@@ -239,23 +302,42 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let collectors = collectors(raw.collector_url, raw.collector_urls)?;
-        if !pulsebell_proto::valid_device_id(&raw.device_id) {
+        let device_id = expand_device_id(&raw.device_id, &raw.root)?;
+        if !pulsebell_proto::valid_device_id(&device_id) {
             return Err(ConfigError::new(
                 keys::DEVICE_ID,
                 format!(
-                    "`{}` is not a valid device id: use 1 to {} letters, digits, '.', '_' or '-'",
-                    raw.device_id,
+                    "`{device_id}` is not a valid device id: use 1 to {} letters, digits, '.', '_' or '-'",
                     pulsebell_proto::MAX_DEVICE_ID
                 ),
             ));
         }
-        let token_source = match (raw.token_file, raw.token) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(keys::TOKEN, "set either `token_file` or `token`, not both"))
+        let given: Vec<&str> = [
+            (raw.token_file.is_some(), keys::TOKEN_FILE),
+            (raw.token.is_some(), keys::TOKEN),
+            (raw.provision_key.is_some(), keys::PROVISION_KEY),
+            (raw.provision_key_file.is_some(), keys::PROVISION_KEY_FILE),
+        ]
+        .into_iter()
+        .filter_map(|(set, k)| set.then_some(k))
+        .collect();
+        if given.len() > 1 {
+            return Err(ConfigError::new(
+                given[1],
+                format!("set only one of `token_file`, `token`, `provision_key`, `provision_key_file` (found `{}` and `{}`)", given[0], given[1]),
+            ));
+        }
+        let token_source = match (raw.token_file, raw.token, raw.provision_key, raw.provision_key_file) {
+            (Some(f), _, _, _) => TokenSource::File(f),
+            (_, Some(t), _, _) => TokenSource::Inline(t),
+            (_, _, Some(k), _) => TokenSource::Provision(KeySource::Inline(k)),
+            (_, _, _, Some(f)) => TokenSource::Provision(KeySource::File(f)),
+            _ => {
+                return Err(ConfigError::new(
+                    keys::TOKEN_FILE,
+                    "missing: set `token_file` (or `token`), or `provision_key` to enrol on first start",
+                ))
             }
-            (Some(f), None) => TokenSource::File(f),
-            (None, Some(t)) => TokenSource::Inline(t),
-            (None, None) => return Err(ConfigError::new(keys::TOKEN_FILE, "missing: set `token_file` (or `token`)")),
         };
         let interval = raw.interval.unwrap_or(DEFAULT_INTERVAL);
         let ms = interval.as_millis();
@@ -279,6 +361,25 @@ impl Config {
             ));
         }
         let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let trust = match (&raw.ca_file, &raw.ca_fingerprint) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    keys::CA_FINGERPRINT,
+                    "set either `ca_file` or `ca_fingerprint`, not both",
+                ))
+            }
+            (Some(f), None) => crate::uplink::tls::Trust::CaFile(f.clone()),
+            (None, Some(fp)) => {
+                let sha256 = crate::uplink::tls::parse_fingerprint(fp).ok_or_else(|| {
+                    ConfigError::new(
+                        keys::CA_FINGERPRINT,
+                        format!("`{fp}`: write sha256:<64 hex digits> (as `provision create` prints it)"),
+                    )
+                })?;
+                crate::uplink::tls::Trust::Fingerprint { sha256, save_to: state_dir.join(SAVED_CA) }
+            }
+            (None, None) => crate::uplink::tls::Trust::WebPki,
+        };
         let lock_file = raw.lock_file.unwrap_or_else(|| state_dir.join("maintenance.lock"));
         let mut actions = BTreeMap::new();
         for (name, action) in raw.actions {
@@ -287,9 +388,10 @@ impl Config {
         }
         Ok(Config {
             collectors,
-            device_id: raw.device_id,
+            device_id,
             token_source,
             ca_file: raw.ca_file,
+            trust,
             interval,
             tags: raw.tags,
             state_dir,
@@ -300,7 +402,31 @@ impl Config {
         })
     }
 
-    /// The device token, read from `token_file` or `token`.
+    /// Where a provisioned device keeps its token.
+    pub fn saved_token_path(&self) -> PathBuf {
+        self.state_dir.join(SAVED_TOKEN)
+    }
+
+    /// The provisioning key, if the config enrols with one.
+    pub fn provision_key(&self) -> Result<Option<String>, ConfigError> {
+        let (key, text) = match &self.token_source {
+            TokenSource::Provision(KeySource::Inline(k)) => (keys::PROVISION_KEY, k.trim().to_string()),
+            TokenSource::Provision(KeySource::File(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new(keys::PROVISION_KEY_FILE, format!("cannot read {}: {e}", path.display()))
+                })?;
+                (keys::PROVISION_KEY_FILE, text.trim().to_string())
+            }
+            _ => return Ok(None),
+        };
+        if !text.starts_with("pbk1.") || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(key, "not a provisioning key (pbk1.…, as `provision create` prints it)"));
+        }
+        Ok(Some(text))
+    }
+
+    /// The device token, read from `token_file` or `token`, or (with a
+    /// provisioning key) the one saved in the state directory.
     pub fn token(&self) -> Result<String, ConfigError> {
         let (key, token) = match &self.token_source {
             TokenSource::Inline(t) => (keys::TOKEN, t.trim().to_string()),
@@ -308,6 +434,13 @@ impl Config {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError::new(keys::TOKEN_FILE, format!("cannot read {}: {e}", path.display())))?;
                 (keys::TOKEN_FILE, text.trim().to_string())
+            }
+            TokenSource::Provision(_) => {
+                let path = self.saved_token_path();
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::new(keys::PROVISION_KEY, format!("not provisioned yet ({}: {e})", path.display()))
+                })?;
+                (keys::PROVISION_KEY, text.trim().to_string())
             }
         };
         if token.is_empty() {

@@ -15,5 +15,6 @@ pub mod actions;
 pub mod config;
 pub mod health;
 pub mod journal;
+pub mod provision;
 pub mod run;
 pub mod uplink;

@@ -39,8 +39,17 @@ pub const SILENCE_INTERVALS: u32 = 3;
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let token = config.token()?;
-    let tls = tls::client_config(config.ca_file.as_deref())?;
+    let tls = tls::config_for(&config.trust)?;
+    tokio::pin!(shutdown);
+    let token = match config.provision_key()? {
+        // First start of a provisioned image: ask for a token (until
+        // stopped).
+        Some(key) => tokio::select! {
+            t = crate::provision::obtain_token(&config, tls.clone(), &key) => t?,
+            () = &mut shutdown => return Ok(()),
+        },
+        None => config.token()?,
+    };
     let dialers: Vec<Dialer> =
         config.collectors.iter().map(|url| Dialer::new(url.clone(), token.clone(), tls.clone())).collect();
     let dialers = Endpoints::with_random_start(dialers, &mut rand::rng())
@@ -64,7 +73,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     notify_ready();
     let (stop_tx, stop) = watch::channel(false);
     let mut agent = Agent { config, dialers, facts, pulse_rx, executor, stop };
-    tokio::pin!(shutdown);
     {
         let connected = agent.connect_loop();
         tokio::pin!(connected);

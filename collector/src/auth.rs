@@ -30,6 +30,14 @@ pub struct NewToken {
 
 /// Generates a device token.
 pub fn generate() -> NewToken {
+    generate_with(PREFIX)
+}
+
+/// Prefix of provisioning keys (`pbk1.<id>.<secret>`).
+pub const PROVISION_PREFIX: &str = "pbk1";
+
+/// Generates a token with `prefix` (device tokens, provisioning keys).
+pub fn generate_with(prefix: &str) -> NewToken {
     let mut rng = rand::rng();
     let mut id = [0u8; 8];
     let mut secret = [0u8; 32];
@@ -38,14 +46,20 @@ pub fn generate() -> NewToken {
     let key_id = hex::encode(id);
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
     let secret_sha256 = hex::encode(Sha256::digest(secret.as_bytes()));
-    NewToken { token: format!("{PREFIX}.{key_id}.{secret}"), key_id, secret_sha256 }
+    NewToken { token: format!("{prefix}.{key_id}.{secret}"), key_id, secret_sha256 }
 }
 
-/// Splits a token into key id and secret, if it has the right shape.
+/// Splits a device token into key id and secret, if it has the right shape.
 pub fn parse(token: &str) -> Option<(&str, &str)> {
+    parse_with(PREFIX, token)
+}
+
+/// Splits a token with `prefix` into key id and secret.
+pub fn parse_with<'a>(prefix: &str, token: &'a str) -> Option<(&'a str, &'a str)> {
     let mut parts = token.splitn(3, '.');
-    let (prefix, key_id, secret) = (parts.next()?, parts.next()?, parts.next()?);
-    (prefix == PREFIX && key_id.len() == 16 && !secret.is_empty() && secret.len() <= 64).then_some((key_id, secret))
+    let (p, key_id, secret) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex_id = key_id.len() == 16 && key_id.bytes().all(|b| b.is_ascii_hexdigit());
+    (p == prefix && hex_id && !secret.is_empty() && secret.len() <= 64).then_some((key_id, secret))
 }
 
 /// Whether `secret` hashes to `stored_sha256_hex`, in constant time.

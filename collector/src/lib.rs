@@ -15,6 +15,7 @@
 //!   write-back batches (`fleet/writeback.rs`).
 //! - [`gateway`]: TLS accept, WebSocket upgrade, token auth, one session per
 //!   device connection (`gateway/session.rs`).
+//! - [`provision`]: provisioning keys (zero-touch enrolment).
 //! - [`cluster`]: cluster mode: changes from other nodes, heartbeats,
 //!   fencing, lost nodes.
 //! - [`history`]: one-minute aggregates per device, kept for a week.
@@ -37,6 +38,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod history;
 pub mod liveness;
+pub mod provision;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -28,6 +28,7 @@ use crate::cluster::{self, Membership};
 use crate::config::Config;
 use crate::fleet::{writeback, Fleet};
 use crate::gateway::{self, Gateway};
+use crate::provision::Provisioning;
 use crate::store::{NatsStore, Reason, SledStore, Store};
 use crate::tls;
 
@@ -105,7 +106,14 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let gw = Arc::new(Gateway::new(fleet.clone(), bells.clone(), TlsAcceptor::from(tls.config), config.limits.clone()));
+    let provisioning = Arc::new(Provisioning::new(fleet.clone(), tls.ca_fingerprint.clone()));
+    let gw = Arc::new(Gateway::new(
+        fleet.clone(),
+        bells.clone(),
+        provisioning.clone(),
+        TlsAcceptor::from(tls.config),
+        config.limits.clone(),
+    ));
     let membership = Arc::new(Membership::new(&node));
     let cluster_task = changes.map(|changes| {
         tokio::spawn(cluster::run(
@@ -125,6 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         bells: bells.clone(),
         alerts: alerts.clone(),
         membership: config.cluster.enabled().then(|| membership.clone()),
+        provisioning,
         token: Arc::new(token.clone()),
     };
     let mut admin_shutdown = shutdown_rx.clone();
@@ -153,6 +162,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         "device_addr": device_addr.to_string(),
         "admin_url": format!("http://{admin_addr}"),
         "ca_file": tls.dev_ca.as_ref().map(|p| p.display().to_string()),
+        "ca_fingerprint": tls.ca_fingerprint,
         "started_ms": now_ms(),
     });
     std::fs::write(data_dir.join(RUN_FILE), serde_json::to_vec_pretty(&run)?)?;

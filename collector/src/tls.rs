@@ -27,6 +27,15 @@ pub struct Tls {
     pub config: Arc<ServerConfig>,
     /// The generated dev CA agents must trust, if one is in use.
     pub dev_ca: Option<PathBuf>,
+    /// `sha256:<hex>` of the CA at the end of the served chain, if the chain
+    /// has one (agents' `ca_fingerprint`).
+    pub ca_fingerprint: Option<String>,
+}
+
+/// `sha256:<hex>` of a certificate's DER.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.as_ref())))
 }
 
 /// Loads the configured certificate or generates the dev one.
@@ -39,10 +48,19 @@ pub fn load(tls: &TlsConfig, data_dir: &Path) -> anyhow::Result<Tls> {
             (dir.join("cert.pem"), dir.join("key.pem"), Some(ca))
         }
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+    let mut chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
         .with_context(|| format!("cannot read certificate {}", cert.display()))?
         .collect::<Result<_, _>>()
         .with_context(|| format!("bad PEM in {}", cert.display()))?;
+    if let Some(ca) = &dev_ca {
+        // Serve the dev CA too, so agents can pin it by fingerprint
+        // (`ca_fingerprint`) without a copy of the file.
+        let ca: CertificateDer<'static> =
+            CertificateDer::from_pem_file(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        chain.push(ca);
+    }
+    // The CA agents can pin: the last certificate of a served chain.
+    let ca_fingerprint = (chain.len() > 1).then(|| fingerprint(chain.last().expect("len > 1")));
     let key =
         PrivateKeyDer::from_pem_file(&key).with_context(|| format!("cannot read private key {}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -53,7 +71,7 @@ pub fn load(tls: &TlsConfig, data_dir: &Path) -> anyhow::Result<Tls> {
         .context("certificate and key do not match")?;
     // Agents send HTTP/1.1 upgrades only.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Tls { config: Arc::new(config), dev_ca })
+    Ok(Tls { config: Arc::new(config), dev_ca, ca_fingerprint })
 }
 
 /// Makes sure `dir` holds a dev CA and a server certificate naming

@@ -958,6 +958,22 @@ impl Agent {
         agent
     }
 
+    /// Starts an agent with a config of the test's own: `config` gets the
+    /// agent's fresh directory (holding an empty `state/`) and returns the
+    /// TOML. `label` names the directory and the log.
+    pub fn start_with_config(collector: &Collector, label: &str, config: impl FnOnce(&Path) -> String) -> Agent {
+        let n = AGENT_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = collector.dir().join(format!("agent-{label}-{n}"));
+        fs::create_dir_all(dir.join("state")).expect("create agent state dir");
+        let text = config(&dir);
+        let path = dir.join("agent.toml");
+        fs::write(&path, text).expect("write agent config");
+        let log = Log::new(format!("agent `{label}`"), dir.join("agent.log"));
+        let mut agent = Agent { id: label.to_string(), dir, config: path, child: None, log };
+        agent.spawn();
+        agent
+    }
+
     fn spawn(&mut self) {
         let mut cmd = command(&agent_bin());
         cmd.arg("run").arg("--config").arg(&self.config);

@@ -95,6 +95,14 @@ pub fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_FRAME))
 }
 
+/// The provisioning URL of a collector URL: same scheme, host and port,
+/// path [`pulsebell_proto::provision::PROVISION_PATH`].
+pub fn provision_url(url: &str) -> String {
+    let rest = url.strip_prefix("wss://").unwrap_or(url);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    format!("wss://{authority}{}", pulsebell_proto::provision::PROVISION_PATH)
+}
+
 /// Opens connections to one collector with one identity. With several
 /// collectors the daemon keeps one dialer per URL, sharing the TLS config.
 #[derive(Clone)]
@@ -155,7 +163,26 @@ impl Dialer {
         }))
     }
 
+    /// Opens a provisioning connection to the same collector: the
+    /// provisioning key as bearer, the device id asked for in a header
+    /// ([`pulsebell_proto::provision`]).
+    pub async fn provision(&self, key: &str, device_id: &str) -> Result<WsStream, ConnectError> {
+        let url = provision_url(&self.url.url);
+        let fut = self.open(None, &url, key, Some(device_id));
+        tokio::time::timeout(CONNECT_TIMEOUT, fut).await.unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
+    }
+
     async fn connect_inner(&self, local: Option<std::net::IpAddr>) -> Result<WsStream, ConnectError> {
+        self.open(local, &self.url.url, &self.token, None).await
+    }
+
+    async fn open(
+        &self,
+        local: Option<std::net::IpAddr>,
+        url: &str,
+        bearer_token: &str,
+        device_id: Option<&str>,
+    ) -> Result<WsStream, ConnectError> {
         let addr = format!("{}:{}", self.url.host, self.url.port);
         let tcp = self.tcp(local).await.map_err(|source| ConnectError::Tcp { addr: addr.clone(), source })?;
         let _ = tcp.set_nodelay(true);
@@ -168,11 +195,16 @@ impl Dialer {
             .connect(name, tcp)
             .await
             .map_err(|source| ConnectError::Tls { host: self.url.host.clone(), source })?;
-        let mut request = self.url.url.as_str().into_client_request().map_err(ConnectError::Handshake)?;
+        let mut request = url.into_client_request().map_err(ConnectError::Handshake)?;
         let headers = request.headers_mut();
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", self.token))
-            .map_err(|e| ConnectError::Handshake(tungstenite::Error::HttpFormat(e.into())))?;
+        let bad = |e: tokio_tungstenite::tungstenite::http::header::InvalidHeaderValue| {
+            ConnectError::Handshake(tungstenite::Error::HttpFormat(e.into()))
+        };
+        let bearer = HeaderValue::from_str(&format!("Bearer {bearer_token}")).map_err(bad)?;
         headers.insert(header::AUTHORIZATION, bearer);
+        if let Some(id) = device_id {
+            headers.insert(pulsebell_proto::provision::DEVICE_ID_HEADER, HeaderValue::from_str(id).map_err(bad)?);
+        }
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
         let (ws, _response) = tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config()))
             .await

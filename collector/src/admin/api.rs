@@ -268,3 +268,45 @@ pub async fn history(
         .collect();
     Ok(Json(serde_json::json!({ "device": id, "bucket_secs": 60, "buckets": buckets })))
 }
+
+#[derive(Deserialize)]
+pub struct CreateKeyRequest {
+    #[serde(default)]
+    tags: Vec<String>,
+    uses: Option<u32>,
+    ttl_ms: Option<u64>,
+}
+
+pub async fn create_provision_key(
+    State(state): State<AdminState>,
+    Json(req): Json<CreateKeyRequest>,
+) -> Result<(StatusCode, Json<crate::provision::KeyView>), ApiError> {
+    if let Some(bad) = req.tags.iter().find(|t| !pulsebell_proto::valid_tag(t)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("`{bad}` is not a valid tag")));
+    }
+    if req.tags.len() > pulsebell_proto::MAX_TAGS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("at most {} tags", pulsebell_proto::MAX_TAGS)));
+    }
+    if req.uses == Some(0) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "uses must be at least 1".into()));
+    }
+    let view = state.provisioning.create(req.tags, req.uses, req.ttl_ms.map(Duration::from_millis)).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn list_provision_keys(
+    State(state): State<AdminState>,
+) -> Result<Json<Vec<crate::provision::KeyView>>, ApiError> {
+    Ok(Json(state.provisioning.list().await?))
+}
+
+pub async fn revoke_provision_key(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.provisioning.revoke(&id).await? {
+        Ok(Json(serde_json::json!({ "revoked": id })))
+    } else {
+        Err(ApiError(StatusCode::NOT_FOUND, format!("no provisioning key `{id}`")))
+    }
+}

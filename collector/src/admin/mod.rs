@@ -19,6 +19,9 @@
 //! | POST | `/v1/bells/{id}/cancel` | cancel |
 //! | GET | `/v1/events?device=&since_ms=&limit=` | liveness events |
 //! | GET | `/v1/stats` | counters |
+//! | POST | `/v1/provision` | create a provisioning key `{tags, uses, ttl_ms}` → the key, shown once |
+//! | GET | `/v1/provision` | provisioning keys (without the keys) |
+//! | DELETE | `/v1/provision/{id}` | revoke a provisioning key |
 //! | GET | `/v1/cluster` | the cluster's nodes (cluster mode; 404 otherwise) |
 //! | GET | `/metrics` | Prometheus text format ([`metrics`]) |
 //! | GET | `/`, `/login` | the dashboard ([`dashboard`]; cookie login) |
@@ -57,6 +60,8 @@ pub struct AdminState {
     pub alerts: Option<Arc<Alerts>>,
     /// The cluster's nodes (cluster mode only).
     pub membership: Option<Arc<Membership>>,
+    /// Provisioning keys.
+    pub provisioning: Arc<crate::provision::Provisioning>,
     /// The admin token.
     pub token: Arc<String>,
 }
@@ -118,6 +123,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/events", get(api::events))
         .route("/v1/stats", get(api::stats))
         .route("/v1/cluster", get(api::cluster))
+        .route("/v1/provision", get(api::list_provision_keys).post(api::create_provision_key))
+        .route("/v1/provision/{id}", axum::routing::delete(api::revoke_provision_key))
         .route("/metrics", get(metrics::handler))
         .route("/v1/stream", get(dashboard::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

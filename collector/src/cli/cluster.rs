@@ -92,6 +92,12 @@ pub async fn migrate(from: &Path, nats: &str, replicas: Option<usize>) -> anyhow
     }
     println!("history minutes: {buckets}");
 
+    let keys = sled.provision_keys().await?;
+    for k in &keys {
+        nats.put_provision_key(k).await?;
+    }
+    println!("provisioning keys: {}", keys.len());
+
     let outbox = sled.outbox().await?;
     nats.put_outbox(&outbox).await?;
     println!("pending alerts: {}", outbox.len());

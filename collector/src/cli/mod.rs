@@ -8,6 +8,7 @@ mod cluster;
 mod demo;
 mod events;
 mod history;
+mod provision;
 mod status;
 
 use std::path::PathBuf;
@@ -85,6 +86,12 @@ pub enum Command {
         /// This node's id in the cluster [default: the hostname]
         #[arg(long)]
         node_id: Option<String>,
+    },
+    /// Provisioning keys: one key in an image enrols many boards.
+    Provision {
+        /// What to do.
+        #[command(subcommand)]
+        action: ProvisionCommand,
     },
     /// The cluster's collectors (cluster mode).
     Cluster {
@@ -224,6 +231,37 @@ pub enum Command {
     },
 }
 
+/// `provision` subcommands.
+#[derive(Subcommand)]
+pub enum ProvisionCommand {
+    /// Create a key; it is shown once, with the CA fingerprint agents pin.
+    Create {
+        /// Tag for every device it enrols (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// How many devices it may enrol [default: unlimited]
+        #[arg(long)]
+        uses: Option<u32>,
+        /// How long it is valid [default: no expiry]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (without the keys themselves).
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it enrols nothing more (enrolled devices stay).
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+}
+
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match dispatch(cli).await {
@@ -272,6 +310,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             config.validate()?;
             serve(config).await?;
+            Ok(0)
+        }
+        Command::Provision { action } => {
+            provision::run(&client()?, action).await?;
             Ok(0)
         }
         Command::Cluster { json } => {

@@ -284,6 +284,8 @@ impl Fleet {
                     key_id: t.key_id,
                     secret_sha256: t.secret_sha256,
                     created_ms: now_ms(),
+                    tags: vec![],
+                    provisioned_by: None,
                 });
                 out.push((id.clone(), Some(t.token)));
             }
@@ -294,6 +296,43 @@ impl Fleet {
             apply_enrolment(&mut state, e);
         }
         Ok(out)
+    }
+
+    /// Enrols `id` with `tags` for provisioning key `key_id`, only if no
+    /// device has that id anywhere (compare-and-set in the store). Durable.
+    /// The token, or `None` when the id is taken.
+    pub async fn enroll_new(&self, id: &str, tags: Vec<String>, key_id: &str) -> anyhow::Result<Option<String>> {
+        if self.exists(id) {
+            return Ok(None);
+        }
+        let t = auth::generate();
+        let e = Enrolment {
+            device: id.to_string(),
+            key_id: t.key_id,
+            secret_sha256: t.secret_sha256,
+            created_ms: now_ms(),
+            tags,
+            provisioned_by: Some(key_id.to_string()),
+        };
+        if !self.store.create_enrolment(&e).await? {
+            return Ok(None);
+        }
+        let mut state = self.lock();
+        apply_enrolment(&mut state, e);
+        state.events.push(EventRecord {
+            device: id.to_string(),
+            kind: crate::store::EventKind::Provisioned,
+            reason: Reason::Provisioned,
+            at_ms: now_ms(),
+            generation: 0,
+        });
+        state.alerts.push(Raised::new(
+            crate::store::AlertKind::Provisioned,
+            id,
+            format!("{id} enrolled itself with provisioning key {key_id}"),
+            serde_json::json!({ "key": key_id }),
+        ));
+        Ok(Some(t.token))
     }
 
     /// Removes a device and closes its connection. Durable. Whether it existed.
@@ -475,7 +514,10 @@ impl Fleet {
         let mut ids: Vec<String> = state
             .devices
             .iter()
-            .filter(|(_, d)| d.record.hello.as_ref().is_some_and(|h| h.tags.iter().any(|t| t == tag)))
+            .filter(|(_, d)| {
+                d.enrolment.tags.iter().any(|t| t == tag)
+                    || d.record.hello.as_ref().is_some_and(|h| h.tags.iter().any(|t| t == tag))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         ids.sort();

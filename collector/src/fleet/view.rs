@@ -102,7 +102,16 @@ pub fn build(
         kernel: h.map(|h| h.kernel.clone()),
         board_model: h.and_then(|h| h.board_model.clone()),
         boot_id: h.map(|h| h.boot_id.clone()),
-        tags: h.map(|h| h.tags.clone()).unwrap_or_default(),
+        tags: {
+            // The agent's own tags, then those its enrolment gave it.
+            let mut tags = h.map(|h| h.tags.clone()).unwrap_or_default();
+            for t in &enrolment.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+            tags
+        },
         actions: h.map(|h| h.actions.clone()).unwrap_or_default(),
         interval_ms: h.map(|h| h.interval_ms),
         offline_after_ms,

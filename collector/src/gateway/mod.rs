@@ -17,7 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pulsebell_proto::{SUBPROTOCOL, WS_PATH};
+use pulsebell_proto::provision::{Provisioned, DEVICE_ID_HEADER, PROVISION_PATH};
+use pulsebell_proto::{close, SUBPROTOCOL, WS_PATH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -29,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::bells::Bells;
 use crate::config::Limits;
 use crate::fleet::{AuthError, Fleet};
+use crate::provision::{Provisioning, Refusal};
 
 /// Everything a connection needs, shared.
 pub struct Gateway {
@@ -36,6 +38,8 @@ pub struct Gateway {
     pub fleet: Arc<Fleet>,
     /// Bells.
     pub bells: Arc<Bells>,
+    /// Provisioning keys.
+    pub provisioning: Arc<Provisioning>,
     /// TLS.
     pub acceptor: TlsAcceptor,
     /// Limits.
@@ -51,7 +55,13 @@ pub struct Gateway {
 
 impl Gateway {
     /// A gateway with the given parts.
-    pub fn new(fleet: Arc<Fleet>, bells: Arc<Bells>, acceptor: TlsAcceptor, limits: Limits) -> Gateway {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        bells: Arc<Bells>,
+        provisioning: Arc<Provisioning>,
+        acceptor: TlsAcceptor,
+        limits: Limits,
+    ) -> Gateway {
         Gateway {
             throttle: auth::Throttle::new(limits.auth_failures_per_minute),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
@@ -59,6 +69,7 @@ impl Gateway {
             accepting: std::sync::atomic::AtomicBool::new(true),
             fleet,
             bells,
+            provisioning,
             acceptor,
             limits,
         }
@@ -166,6 +177,7 @@ async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch:
         }
     };
     let mut device: Option<String> = None;
+    let mut provision: Option<(String, String)> = None;
     let mut refusal: Option<&'static str> = None;
     // tungstenite's callback signature fixes the error type.
     #[allow(clippy::result_large_err)]
@@ -175,7 +187,8 @@ async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch:
             *r.status_mut() = status;
             r
         };
-        if req.uri().path() != WS_PATH {
+        let path = req.uri().path();
+        if path != WS_PATH && path != PROVISION_PATH {
             refusal = Some("not_found");
             return Err(reject(StatusCode::NOT_FOUND, "not found; devices connect to /v1/ws"));
         }
@@ -185,12 +198,28 @@ async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch:
             return Err(reject(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications; slow down"));
         }
         let token = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
-        let id = match token.map(|t| gw.fleet.authenticate(t)) {
-            Some(Ok(id)) => id,
-            Some(Err(AuthError::Invalid)) | Some(Err(AuthError::Malformed)) | None => {
+        let id = if path == PROVISION_PATH {
+            // Checked after the upgrade (the store decides); only the shape here.
+            let wanted = req.headers().get(DEVICE_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let Some(key) = token.filter(|t| auth::parse_with(auth::PROVISION_PREFIX, t).is_some()) else {
                 gw.throttle.record_failure(peer.ip(), now);
                 refusal = Some("unauthorized");
-                return Err(reject(StatusCode::UNAUTHORIZED, "missing or invalid device token"));
+                return Err(reject(StatusCode::UNAUTHORIZED, "missing or malformed provisioning key"));
+            };
+            if !pulsebell_proto::valid_device_id(wanted) {
+                refusal = Some("bad_request");
+                return Err(reject(StatusCode::BAD_REQUEST, "missing or invalid pulsebell-device-id header"));
+            }
+            provision = Some((key.to_string(), wanted.to_string()));
+            String::new()
+        } else {
+            match token.map(|t| gw.fleet.authenticate(t)) {
+                Some(Ok(id)) => id,
+                Some(Err(AuthError::Invalid)) | Some(Err(AuthError::Malformed)) | None => {
+                    gw.throttle.record_failure(peer.ip(), now);
+                    refusal = Some("unauthorized");
+                    return Err(reject(StatusCode::UNAUTHORIZED, "missing or invalid device token"));
+                }
             }
         };
         let offered = req
@@ -217,7 +246,50 @@ async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch:
         }
         Err(_) => return failure(gw, peer, "timeout", "WebSocket upgrade timed out"),
     };
+    if let Some((key, wanted)) = provision {
+        return provision_device(gw, ws, peer, &key, &wanted).await;
+    }
     let Some(device) = device else { return };
     debug!(%peer, device, "upgraded");
     session::run(gw, ws, device, peer, deadline, shutdown).await;
+}
+
+/// A provisioning request after the upgrade: the token in one binary
+/// frame and a normal close, or a 1008 close with the refusal.
+async fn provision_device<S>(
+    gw: &Gateway,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    peer: SocketAddr,
+    key: &str,
+    wanted: &str,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+    let (code, reason) = match gw.provisioning.redeem(key, wanted).await {
+        Ok(token) => {
+            info!(%peer, device = wanted, "device provisioned");
+            let msg = Provisioned { device_id: wanted.to_string(), token };
+            match pulsebell_proto::encode(&msg) {
+                Ok(bytes) => {
+                    let _ = ws.send(Message::Binary(bytes.into())).await;
+                    (close::NORMAL, "provisioned".to_string())
+                }
+                Err(e) => (close::POLICY, e.to_string()),
+            }
+        }
+        Err(r) => {
+            if r != Refusal::Unavailable {
+                gw.throttle.record_failure(peer.ip(), Instant::now());
+            }
+            gw.fleet.stats.handshake_failed("provision_refused");
+            info!(%peer, device = wanted, reason = %r, "provisioning refused");
+            let code = if r == Refusal::Unavailable { close::TRY_AGAIN_LATER } else { close::POLICY };
+            (code, r.to_string())
+        }
+    };
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ws.close(Some(frame))).await;
 }

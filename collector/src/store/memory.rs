@@ -27,6 +27,7 @@ struct State {
     events: Vec<EventRecord>,
     history: BTreeMap<(String, u32), Bucket>,
     outbox: BTreeMap<u64, OutboxEntry>,
+    provision: BTreeMap<String, ProvisionKey>,
 }
 
 impl MemoryStore {
@@ -52,6 +53,15 @@ impl Store for MemoryStore {
             s.enrolments.insert(e.device.clone(), e.clone());
         }
         Ok(())
+    }
+
+    async fn create_enrolment(&self, e: &Enrolment) -> Result<bool> {
+        let mut s = self.lock();
+        if s.enrolments.contains_key(&e.device) {
+            return Ok(false);
+        }
+        s.enrolments.insert(e.device.clone(), e.clone());
+        Ok(true)
     }
 
     async fn delete_device(&self, device: &str) -> Result<bool> {
@@ -189,6 +199,23 @@ impl Store for MemoryStore {
     async fn remove_outbox(&self, id: u64) -> Result<()> {
         self.lock().outbox.remove(&id);
         Ok(())
+    }
+
+    async fn put_provision_key(&self, key: &ProvisionKey) -> Result<()> {
+        self.lock().provision.insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
+    async fn provision_keys(&self) -> Result<Vec<ProvisionKey>> {
+        Ok(self.lock().provision.values().cloned().collect())
+    }
+
+    async fn update_provision_key(&self, id: &str, change: ProvisionChange<'_>) -> Result<Option<ProvisionKey>> {
+        let mut s = self.lock();
+        let Some(current) = s.provision.get(id) else { return Ok(None) };
+        let Some(new) = change(current) else { return Ok(None) };
+        s.provision.insert(id.to_string(), new.clone());
+        Ok(Some(new))
     }
 
     async fn flush(&self) -> Result<()> {

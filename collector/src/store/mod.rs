@@ -99,6 +99,9 @@ pub enum Change {
 /// leave it as it is.
 pub type BellChange<'a> = &'a (dyn Fn(&BellRecord) -> Option<BellRecord> + Send + Sync);
 
+/// A provisioning-key change, like [`BellChange`].
+pub type ProvisionChange<'a> = &'a (dyn Fn(&ProvisionKey) -> Option<ProvisionKey> + Send + Sync);
+
 /// What the collector needs from a database.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -107,6 +110,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds or replaces enrolments. Durable.
     async fn put_enrolments(&self, es: &[Enrolment]) -> Result<()>;
+    /// Adds an enrolment only if the device has none (compare-and-set).
+    /// Durable. Whether it was added.
+    async fn create_enrolment(&self, e: &Enrolment) -> Result<bool>;
     /// Removes a device: enrolment, state and history. Durable. Whether it
     /// existed.
     async fn delete_device(&self, device: &str) -> Result<bool>;
@@ -171,6 +177,14 @@ pub trait Store: Send + Sync + 'static {
     async fn lease_outbox(&self, id: u64, node: &str, until_ms: u64) -> Result<bool>;
     /// Removes a delivered entry. Durable.
     async fn remove_outbox(&self, id: u64) -> Result<()>;
+
+    /// Adds a provisioning key. Durable.
+    async fn put_provision_key(&self, key: &ProvisionKey) -> Result<()>;
+    /// Every provisioning key.
+    async fn provision_keys(&self) -> Result<Vec<ProvisionKey>>;
+    /// Applies `change` to key `id` atomically (compare-and-set). Durable.
+    /// The new key, or `None` when there is none or `change` left it alone.
+    async fn update_provision_key(&self, id: &str, change: ProvisionChange<'_>) -> Result<Option<ProvisionKey>>;
 
     /// Sends this node's heartbeat (cluster mode): other nodes see it as a
     /// [`Change::Node`].

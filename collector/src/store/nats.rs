@@ -13,6 +13,7 @@
 //! | KV `pulsebell_history` | device `.` hour | that hour's minutes (postcard); `max_age` = history retention |
 //! | KV `pulsebell_outbox` | id (20 digits) | [`OutboxEntry`] + lease |
 //! | KV `pulsebell_nodes` | node | [`NodeRecord`] heartbeat |
+//! | KV `pulsebell_provision` | key id | [`ProvisionKey`], compare-and-set |
 //! | KV `pulsebell_meta` | `instance`, `seq_bell`, `seq_id` | cluster id and counters |
 //! | stream `PULSEBELL_EVENTS` | `pulsebell.events.<device>` | [`EventRecord`], 30 days |
 //!
@@ -56,6 +57,7 @@ const HISTORY: &str = "pulsebell_history";
 const OUTBOX: &str = "pulsebell_outbox";
 const NODES: &str = "pulsebell_nodes";
 const META: &str = "pulsebell_meta";
+const PROVISION: &str = "pulsebell_provision";
 const EVENTS: &str = "PULSEBELL_EVENTS";
 const EVENTS_PREFIX: &str = "pulsebell.events";
 /// Core NATS subject of heartbeats (`.<node>`): not JetStream, so a stream
@@ -131,6 +133,7 @@ struct Buckets {
     outbox: kv::Store,
     nodes: kv::Store,
     meta: kv::Store,
+    provision: kv::Store,
 }
 
 /// Connects to NATS, retrying until a server answers, and logs which URLs
@@ -219,6 +222,7 @@ impl NatsStore {
             outbox: bucket(OUTBOX, Duration::ZERO).await?,
             nodes: bucket(NODES, Duration::from_secs(24 * 3600)).await?,
             meta: bucket(META, Duration::ZERO).await?,
+            provision: bucket(PROVISION, Duration::ZERO).await?,
         };
         let events = js
             .get_or_create_stream(stream::Config {
@@ -527,6 +531,27 @@ impl Store for NatsStore {
             .map(|e| Ok((format!("$KV.{ENROLMENTS}.{}", key(&e.device)), encode(e)?, None)))
             .collect::<Result<Vec<_>>>()?;
         self.publish_all(msgs).await
+    }
+
+    async fn create_enrolment(&self, e: &Enrolment) -> Result<bool> {
+        let k = key(&e.device);
+        match self.buckets.enrolments.create(k.as_str(), encode(e)?).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(self::err(format!("creating {ENROLMENTS}/{k}"), e)),
+        }
+    }
+
+    async fn put_provision_key(&self, k: &ProvisionKey) -> Result<()> {
+        publish(&self.js, format!("$KV.{PROVISION}.{}", k.id), encode(k)?, None).await
+    }
+
+    async fn provision_keys(&self) -> Result<Vec<ProvisionKey>> {
+        Ok(self.scan_decoded::<ProvisionKey>(&self.buckets.provision, ">").await?.into_iter().map(|(_, k)| k).collect())
+    }
+
+    async fn update_provision_key(&self, id: &str, change: ProvisionChange<'_>) -> Result<Option<ProvisionKey>> {
+        self.cas(&self.buckets.provision, id, |cur: Option<ProvisionKey>| change(&cur?)).await
     }
 
     async fn delete_device(&self, device: &str) -> Result<bool> {

@@ -40,6 +40,8 @@ pub enum Reason {
     /// Offline: the agent stopped because a bell's action is rebooting the
     /// board.
     Rebooting,
+    /// A device enrolled itself with a provisioning key.
+    Provisioned,
     /// A reason written by a newer version of the collector.
     #[serde(other)]
     Unknown,
@@ -61,6 +63,7 @@ impl Reason {
             Reason::RateLimited => "rate_limited",
             Reason::AgentStopped => "agent_stopped",
             Reason::Rebooting => "rebooting",
+            Reason::Provisioned => "provisioned",
             Reason::Unknown => "unknown",
         }
     }
@@ -89,6 +92,13 @@ pub struct Enrolment {
     pub secret_sha256: String,
     /// When it was enrolled, Unix ms.
     pub created_ms: u64,
+    /// Tags given at enrolment (by a provisioning key), shown with the
+    /// agent's own.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The provisioning key that enrolled it, if one did.
+    #[serde(default)]
+    pub provisioned_by: Option<String>,
 }
 
 /// Link-quality counters of one device.
@@ -249,6 +259,8 @@ pub enum EventKind {
     Online,
     /// The device stopped being online.
     Offline,
+    /// The device enrolled itself with a provisioning key.
+    Provisioned,
 }
 
 /// A liveness transition.
@@ -316,6 +328,8 @@ pub enum AlertKind {
     BellFailed,
     /// The agent stopped on purpose (only when `[alerts] events` lists it).
     AgentStopped,
+    /// A device enrolled itself with a provisioning key.
+    Provisioned,
 }
 
 impl AlertKind {
@@ -328,6 +342,7 @@ impl AlertKind {
             AlertKind::Throttled => "throttled",
             AlertKind::BellFailed => "bell_failed",
             AlertKind::AgentStopped => "agent_stopped",
+            AlertKind::Provisioned => "provisioned",
         }
     }
 }
@@ -364,4 +379,26 @@ pub struct OutboxEntry {
     pub next_attempt_ms: u64,
     /// Last error, for `show` and logs.
     pub last_error: Option<String>,
+}
+
+/// A provisioning key: lets boards flashed with one image enrol themselves.
+/// Only a hash of its secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionKey {
+    /// Public id (16 hex digits), the middle part of the key.
+    pub id: String,
+    /// SHA-256 of the secret part, hex.
+    pub secret_sha256: String,
+    /// Tags given to every device it enrols.
+    pub tags: Vec<String>,
+    /// Enrolments left; `None`: unlimited.
+    pub uses_left: Option<u32>,
+    /// Not valid after, Unix ms; `None`: no expiry.
+    pub expires_ms: Option<u64>,
+    /// Revoked by an operator.
+    pub revoked: bool,
+    /// Created, Unix ms.
+    pub created_ms: u64,
+    /// Devices enrolled with it.
+    pub used: u32,
 }

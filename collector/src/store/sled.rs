@@ -9,6 +9,7 @@
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
 //! - `outbox`: alert id (u64 BE) → [`OutboxEntry`] (JSON)
 //! - `generations`: device id → newest connection generation (u64 BE)
+//! - `provision`: provisioning key id → [`ProvisionKey`] (JSON)
 //! - `meta`: `instance` → random id of this database
 //! - `history`: device id, 0, hour (u32 BE) → that hour's minutes, `Vec<StoredBucket>` (postcard)
 //!
@@ -43,6 +44,7 @@ struct Inner {
     outbox: Tree,
     meta: Tree,
     generations: Tree,
+    provision: Tree,
     instance: String,
 }
 
@@ -118,6 +120,7 @@ impl Inner {
         };
         Ok(Inner {
             generations: tree("generations")?,
+            provision: tree("provision")?,
             enrolments: tree("enrolments")?,
             devices: tree("devices")?,
             bells: tree("bells")?,
@@ -410,6 +413,42 @@ impl Inner {
         Ok(u64::from_be_bytes(bytes))
     }
 
+    fn create_enrolment(&self, e: &Enrolment) -> Result<bool> {
+        let added = self
+            .enrolments
+            .compare_and_swap(e.device.as_bytes(), None as Option<&[u8]>, Some(encode(e)?))
+            .map_err(db_err)?
+            .is_ok();
+        if added {
+            self.flush_now()?;
+        }
+        Ok(added)
+    }
+
+    fn put_provision_key(&self, k: &ProvisionKey) -> Result<()> {
+        self.provision.insert(k.id.as_bytes(), encode(k)?).map_err(db_err)?;
+        self.flush_now()
+    }
+
+    fn provision_keys(&self) -> Result<Vec<ProvisionKey>> {
+        self.provision
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                decode("provision", &k, &v)
+            })
+            .collect()
+    }
+
+    /// Replaces key `id` if it still holds `old`; flushed. Whether it did.
+    fn cas_provision_key(&self, id: &str, old: ::sled::IVec, new: Vec<u8>) -> Result<bool> {
+        let done = self.provision.compare_and_swap(id.as_bytes(), Some(old), Some(new)).map_err(db_err)?.is_ok();
+        if done {
+            self.flush_now()?;
+        }
+        Ok(done)
+    }
+
     /// Replaces bell `id` if it still holds `old`; flushed. Whether it did.
     fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool) -> Result<bool> {
         let key = id.to_be_bytes();
@@ -447,6 +486,33 @@ impl Store for SledStore {
     async fn put_enrolments(&self, es: &[Enrolment]) -> Result<()> {
         let es = es.to_vec();
         self.blocking(move |s| s.put_enrolments(&es)).await
+    }
+
+    async fn create_enrolment(&self, e: &Enrolment) -> Result<bool> {
+        let e = e.clone();
+        self.blocking(move |s| s.create_enrolment(&e)).await
+    }
+
+    async fn put_provision_key(&self, key: &ProvisionKey) -> Result<()> {
+        let key = key.clone();
+        self.blocking(move |s| s.put_provision_key(&key)).await
+    }
+
+    async fn provision_keys(&self) -> Result<Vec<ProvisionKey>> {
+        self.blocking(|s| s.provision_keys()).await
+    }
+
+    async fn update_provision_key(&self, id: &str, change: ProvisionChange<'_>) -> Result<Option<ProvisionKey>> {
+        loop {
+            let Some(old) = self.inner.provision.get(id.as_bytes()).map_err(db_err)? else { return Ok(None) };
+            let current: ProvisionKey = decode("provision", id.as_bytes(), &old)?;
+            let Some(new) = change(&current) else { return Ok(None) };
+            let bytes = encode(&new)?;
+            let key = id.to_string();
+            if self.blocking(move |s| s.cas_provision_key(&key, old, bytes)).await? {
+                return Ok(Some(new));
+            }
+        }
     }
 
     async fn delete_device(&self, device: &str) -> Result<bool> {
@@ -615,6 +681,8 @@ mod tests {
                 key_id: "k".into(),
                 secret_sha256: "h".into(),
                 created_ms: 1,
+                tags: vec![],
+                provisioned_by: None,
             }])
             .await
             .unwrap();
