@@ -180,10 +180,13 @@ async fn heartbeat(
     device_addr: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let store: &Arc<dyn Store> = gw.fleet.store();
+    let store: Arc<dyn Store> = gw.fleet.store().clone();
     let mut tick = tokio::time::interval(lost_after / 16);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_ok = Instant::now();
+    // Updated by the store checks, which run beside the ticks: a check
+    // that hangs (a partition) must not delay the decision to fence.
+    let last_ok = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut check: Option<tokio::task::JoinHandle<()>> = None;
     let mut fenced = false;
     let mut seq = 0;
     loop {
@@ -200,35 +203,41 @@ async fn heartbeat(
             device_addr: Some(device_addr.clone()),
             seq,
         };
-        if let Err(e) = store.heartbeat(&record).await {
+        if let Ok(Err(e)) = tokio::time::timeout(lost_after / 16, store.heartbeat(&record)).await {
             warn!(error = %e, "cannot send the heartbeat");
         }
-        let check = tokio::time::timeout(lost_after / 4, store.check()).await;
-        let healthy = matches!(check, Ok(Ok(())));
-        membership.set_healthy(healthy);
-        match check {
-            Ok(Ok(())) => {
-                last_ok = Instant::now();
-                if fenced {
-                    info!("reconnected to the cluster: taking devices again");
-                    fenced = false;
-                    gw.set_accepting(true);
+        if check.as_ref().is_none_or(|c| c.is_finished()) {
+            let (store, membership, last_ok) = (store.clone(), membership.clone(), last_ok.clone());
+            check = Some(tokio::spawn(async move {
+                let result = tokio::time::timeout(lost_after / 4, store.check()).await;
+                let healthy = matches!(result, Ok(Ok(())));
+                membership.set_healthy(healthy);
+                match result {
+                    Ok(Ok(())) => *last_ok.lock().expect("last_ok lock") = Instant::now(),
+                    Ok(Err(e)) => warn!(error = %e, "the cluster store is unavailable"),
+                    Err(_) => warn!("the cluster store check timed out"),
                 }
-            }
-            Ok(Err(e)) => warn!(error = %e, "the cluster store is unavailable"),
-            Err(_) => warn!("the cluster store check timed out"),
+            }));
         }
-        if !fenced && last_ok.elapsed() >= lost_after * 5 / 8 {
-            // Others will declare this node lost at `lost_after`: stop
-            // owning devices before, so no device has two owners.
-            fenced = true;
-            gw.set_accepting(false);
-            let closed = gw.fleet.close_all(
-                close::TRY_AGAIN_LATER,
-                "collector cut off from its cluster; try again later",
-                Reason::CollectorFenced,
-            );
-            warn!(devices = closed.len(), "cut off from the cluster: closed every device connection");
+        let since_ok = last_ok.lock().expect("last_ok lock").elapsed();
+        if since_ok >= lost_after * 5 / 8 {
+            membership.set_healthy(false);
+            if !fenced {
+                // Others will declare this node lost at `lost_after`: stop
+                // owning devices before, so no device has two owners.
+                fenced = true;
+                gw.set_accepting(false);
+                let closed = gw.fleet.close_all(
+                    close::TRY_AGAIN_LATER,
+                    "collector cut off from its cluster; try again later",
+                    Reason::CollectorFenced,
+                );
+                warn!(devices = closed.len(), "cut off from the cluster: closed every device connection");
+            }
+        } else if fenced {
+            info!("reconnected to the cluster: taking devices again");
+            fenced = false;
+            gw.set_accepting(true);
         }
     }
 }
