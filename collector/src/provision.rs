@@ -188,3 +188,54 @@ impl Provisioning {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::MemoryStore;
+
+    async fn setup() -> (Provisioning, Arc<Fleet>) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let fleet = Fleet::load(Arc::new(Config::default()), "n1".into(), store).await.unwrap();
+        (Provisioning::new(fleet.clone(), Some("sha256:00".into())), fleet)
+    }
+
+    #[tokio::test]
+    async fn a_key_enrols_new_ids_within_its_uses_and_never_an_existing_one() {
+        let (p, fleet) = setup().await;
+        let k = p.create(vec!["shop".into()], Some(2), None).await.unwrap();
+        let key = k.key.clone().unwrap();
+        assert_eq!(k.ca_fingerprint.as_deref(), Some("sha256:00"));
+
+        let token = p.redeem(&key, "pi-1").await.unwrap();
+        assert_eq!(fleet.authenticate(&token).unwrap(), "pi-1");
+        assert_eq!(fleet.view("pi-1").unwrap().tags, ["shop"]);
+        // The same id again: taken, and no use spent.
+        assert_eq!(p.redeem(&key, "pi-1").await, Err(Refusal::Taken));
+        fleet.enroll(&["pi-manual".to_string()], false).await.unwrap();
+        assert_eq!(p.redeem(&key, "pi-manual").await, Err(Refusal::Taken));
+        // A wrong secret with the right id: unknown, no use spent.
+        let (id, _) = auth::parse_with(PROVISION_PREFIX, &key).unwrap();
+        let forged = format!("{PROVISION_PREFIX}.{id}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        assert_eq!(p.redeem(&forged, "pi-2").await, Err(Refusal::Unknown));
+        assert_eq!(p.redeem("nonsense", "pi-2").await, Err(Refusal::Malformed));
+
+        p.redeem(&key, "pi-2").await.unwrap();
+        assert_eq!(p.redeem(&key, "pi-3").await, Err(Refusal::UsedUp));
+        let listed = p.list().await.unwrap();
+        assert_eq!((listed[0].used, listed[0].uses_left, listed[0].key.is_none()), (2, Some(0), true));
+    }
+
+    #[tokio::test]
+    async fn revoked_and_expired_keys_enrol_nothing() {
+        let (p, fleet) = setup().await;
+        let revoked = p.create(vec![], None, None).await.unwrap();
+        assert!(p.revoke(&revoked.id).await.unwrap());
+        assert!(!p.revoke("0000000000000000").await.unwrap());
+        assert_eq!(p.redeem(revoked.key.as_deref().unwrap(), "pi-r").await, Err(Refusal::Revoked));
+        let expired = p.create(vec![], None, Some(Duration::ZERO)).await.unwrap();
+        assert_eq!(p.redeem(expired.key.as_deref().unwrap(), "pi-e").await, Err(Refusal::Expired));
+        assert!(!fleet.exists("pi-r") && !fleet.exists("pi-e"));
+    }
+}
