@@ -282,7 +282,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and validates config text (no file access).
+    /// Parses and validates config text (file access only to fill a
+    /// `device_id` template from `root`).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {

@@ -32,6 +32,8 @@ pub struct Shared {
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Per device: whether it has a session now (bell targets).
     pub online: Vec<AtomicBool>,
+    /// Sessions open now, per collector URL (in `--url` order).
+    pub by_endpoint: Vec<AtomicI64>,
     /// While false, devices keep their connection but send no pulse.
     pub pulsing: AtomicBool,
     /// Set once: every device closes and its task ends.
@@ -43,8 +45,8 @@ pub struct Shared {
 pub type Stop = watch::Receiver<bool>;
 
 impl Shared {
-    /// State for `devices` devices.
-    pub fn new(devices: usize, interval: Duration, backoff_base: Duration) -> Shared {
+    /// State for `devices` devices spread over `endpoints` collector URLs.
+    pub fn new(devices: usize, endpoints: usize, interval: Duration, backoff_base: Duration) -> Shared {
         Shared {
             interval,
             backoff_base,
@@ -55,6 +57,7 @@ impl Shared {
             bells_answered: AtomicU64::new(0),
             failures: Mutex::new(BTreeMap::new()),
             online: (0..devices).map(|_| AtomicBool::new(false)).collect(),
+            by_endpoint: (0..endpoints.max(1)).map(|_| AtomicI64::new(0)).collect(),
             pulsing: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             stop: watch::channel(false).0,
@@ -77,18 +80,20 @@ impl Shared {
         *self.failures.lock().expect("failures lock").entry(kind).or_default() += 1;
     }
 
-    /// A session of device `idx` opened.
-    pub fn up(&self, idx: usize) {
+    /// A session of device `idx` opened, to the collector URL `endpoint`.
+    pub fn up(&self, idx: usize, endpoint: usize) {
         self.connects.fetch_add(1, Ordering::Relaxed);
         self.connected.fetch_add(1, Ordering::Relaxed);
+        self.by_endpoint[endpoint].fetch_add(1, Ordering::Relaxed);
         self.online[idx].store(true, Ordering::Relaxed);
     }
 
-    /// A session of device `idx` ended; `lost` when the load generator did
-    /// not end it.
-    pub fn down(&self, idx: usize, lost: bool) {
+    /// A session of device `idx` to `endpoint` ended; `lost` when the load
+    /// generator did not end it.
+    pub fn down(&self, idx: usize, endpoint: usize, lost: bool) {
         self.online[idx].store(false, Ordering::Relaxed);
         self.connected.fetch_sub(1, Ordering::Relaxed);
+        self.by_endpoint[endpoint].fetch_sub(1, Ordering::Relaxed);
         if lost {
             self.disconnects.fetch_add(1, Ordering::Relaxed);
         }

@@ -6,11 +6,20 @@
 //!
 //! Phases: enrol (bulk, through the admin API) → ramp (connect at `--ramp`
 //! per second until every device is connected) → hold (`--duration`, the
-//! measured window; bells are rung here) → settle (pulses stop; wait until
+//! measured window; bells are rung here; SIGUSR1 ends it early) → settle (pulses stop; wait until
 //! the collector has stored everything) → close.
 //!
 //! Several processes with distinct `--id-prefix` values can share one
 //! collector; each reports its own devices and the collector's totals.
+//!
+//! Cluster mode: `--url` takes several collector URLs, comma-separated.
+//! Every device starts at the first (or at a random one with
+//! `--random-start`, as the agent does) and, like the agent with
+//! `collector_urls`, moves to the next after a failed attempt or a lost
+//! session, so the devices of a collector that dies fail over to the
+//! others. Enrolment and the counters go through `--admin` (one node of
+//! the cluster); `connected_by_url` in the summary says where the devices
+//! ended up.
 #![forbid(unsafe_code)]
 
 mod fleet;
@@ -28,6 +37,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use pulsebell_agent::config::CollectorUrl;
+use pulsebell_agent::uplink::endpoints::Endpoints;
 use pulsebell_agent::uplink::{tls, Dialer};
 use pulsebell_collector::cli::Client;
 use rand::Rng;
@@ -50,8 +60,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[command(name = "pulsebell-loadgen", version)]
 struct Args {
     /// Device endpoint: wss://HOST:PORT/v1/ws (with --mqtt: mqtts://HOST:PORT).
+    /// Several, comma-separated (collectors of a cluster): a device is
+    /// connected to one at a time and moves to the next after a failed
+    /// attempt or a lost session, as the agent does with `collector_urls`.
     #[arg(long)]
     url: String,
+    /// With several --url: start each device at a random URL (as the agent
+    /// does) instead of the first.
+    #[arg(long)]
+    random_start: bool,
     /// CA bundle (PEM) the server certificate must chain to.
     #[arg(long)]
     ca_file: PathBuf,
@@ -276,8 +293,15 @@ impl Live {
             let t = (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
             self.timeline.lock().expect("timeline").push((t, connected, sent_rate, accepted_rate));
             let failures: u64 = self.shared.failures.lock().expect("failures").values().sum();
+            let by_url = if self.shared.by_endpoint.len() > 1 {
+                let counts: Vec<String> =
+                    self.shared.by_endpoint.iter().map(|n| n.load(Ordering::Relaxed).to_string()).collect();
+                format!("  by url {}", counts.join("/"))
+            } else {
+                String::new()
+            };
             eprintln!(
-                "[{t:>6.1}s] connected {connected:>6}/{}  sent {sent_rate:>7}/s  accepted {:>7}/s  failures {failures}",
+                "[{t:>6.1}s] connected {connected:>6}/{}  sent {sent_rate:>7}/s  accepted {:>7}/s  failures {failures}{by_url}",
                 self.devices,
                 accepted_rate.map_or("-".to_string(), |r| r.to_string()),
             );
@@ -296,19 +320,21 @@ async fn mark(shared: &Shared, meter: &Meter) -> Mark {
     Mark { at: Instant::now(), sent: shared.sent.load(Ordering::Relaxed), accepted, cpu }
 }
 
-/// Rings ping bells at random connected devices until `until`; RTTs in ms
-/// of the bells that succeeded, and the number that did not.
+/// Rings ping bells at random connected devices until `until` (or until the
+/// window ends early); RTTs in ms of the bells that succeeded, and the
+/// number that did not.
 async fn ring_bells(
     client: Arc<Client>,
     shared: Arc<Shared>,
     ids: Arc<Vec<Box<str>>>,
     per_sec: f64,
     until: Instant,
+    ended: Arc<AtomicBool>,
 ) -> (Vec<f64>, u64) {
     let results = Arc::new(Mutex::new((Vec::new(), 0u64)));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
     let mut tasks = tokio::task::JoinSet::new();
-    while Instant::now() < until {
+    while Instant::now() < until && !ended.load(Ordering::Relaxed) {
         tick.tick().await;
         let target =
             (0..50).map(|_| rand::rng().random_range(0..ids.len())).find(|i| shared.online[*i].load(Ordering::Relaxed));
@@ -344,6 +370,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
+    // SIGUSR1 ends the window early (a script that has seen what it waited
+    // for, e.g. every device back after a collector was killed); one that
+    // arrives before the window ends it as soon as it starts.
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
     let nofile = raise_nofile();
     if (args.devices as u64) + 64 > nofile {
         eprintln!("warning: {} devices but only {nofile} open files allowed", args.devices);
@@ -355,7 +385,14 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
         bail!("--ramp must be positive");
     }
     let tls = tls::client_config(Some(&args.ca_file))?;
-    let shared = Arc::new(Shared::new(args.devices, args.interval, args.backoff_base));
+    let urls: Vec<&str> = args.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    if urls.is_empty() {
+        bail!("--url is empty");
+    }
+    if args.mqtt && urls.len() > 1 {
+        bail!("--mqtt takes one --url");
+    }
+    let shared = Arc::new(Shared::new(args.devices, urls.len(), args.interval, args.backoff_base));
     let ids: Arc<Vec<Box<str>>> =
         Arc::new((0..args.devices).map(|i| format!("{}{i:06}", args.id_prefix).into_boxed_str()).collect());
     let started = Instant::now();
@@ -363,7 +400,7 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
 
     // What is measured, and the devices' connection details.
     let (meter, client, dialers, broker, subscribed) = if args.mqtt {
-        let (host, port) = parse_url(&args.url, "mqtts")?;
+        let (host, port) = parse_url(urls[0], "mqtts")?;
         let keep_alive = args.keep_alive.unwrap_or((args.interval * 2).max(Duration::from_secs(5)));
         let broker = mqtt::Broker { host, port, tls: tls.clone(), keep_alive };
         let received = Arc::new(AtomicU64::new(0));
@@ -374,7 +411,10 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
             Meter { source: Source::Subscriber(received), counters: Default::default(), process: Process::new(pid) };
         (meter, None, vec![], Some(broker), Some(ready))
     } else {
-        let (host, port) = parse_url(&args.url, "wss")?;
+        let collectors: Vec<CollectorUrl> = urls
+            .iter()
+            .map(|u| parse_url(u, "wss").map(|(host, port)| CollectorUrl { url: u.to_string(), host, port }))
+            .collect::<anyhow::Result<_>>()?;
         let data_dir = args.data_dir.clone().context("--data-dir is required (the admin token is read from it)")?;
         let client = Arc::new(Client::new(args.admin.as_deref(), &data_dir)?);
         let pid = match args.collector_pid {
@@ -398,8 +438,15 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
         if tokens.len() != args.devices {
             bail!("enrolled {} devices, wanted {}", tokens.len(), args.devices);
         }
-        let url = CollectorUrl { url: args.url.clone(), host, port };
-        let dialers: Vec<Dialer> = tokens.into_iter().map(|t| Dialer::new(url.clone(), t, tls.clone())).collect();
+        let mut rng = rand::rng();
+        let dialers: Vec<Endpoints<Dialer>> = tokens
+            .into_iter()
+            .map(|t| {
+                let ring = collectors.iter().map(|url| Dialer::new(url.clone(), t.clone(), tls.clone())).collect();
+                let start = if args.random_start { rng.random_range(0..collectors.len()) } else { 0 };
+                Endpoints::new(ring, start).expect("at least one URL")
+            })
+            .collect();
         (meter, Some(client), dialers, None, None)
     };
     let meter = Arc::new(meter);
@@ -471,15 +518,26 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
     let hold_start = mark(&shared, &meter).await;
     live.holding.store(true, Ordering::Relaxed);
     let until = hold_start.at + args.duration;
+    let ended = Arc::new(AtomicBool::new(false));
     let bells = match (&client, args.bells_per_sec > 0.0) {
-        (Some(c), true) => {
-            Some(tokio::spawn(ring_bells(c.clone(), shared.clone(), ids.clone(), args.bells_per_sec, until)))
-        }
+        (Some(c), true) => Some(tokio::spawn(ring_bells(
+            c.clone(),
+            shared.clone(),
+            ids.clone(),
+            args.bells_per_sec,
+            until,
+            ended.clone(),
+        ))),
         _ => None,
     };
-    tokio::time::sleep_until(until).await;
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => {}
+        _ = usr1.recv() => eprintln!("SIGUSR1: the window ends now"),
+    }
+    ended.store(true, Ordering::Relaxed);
     let hold_end = mark(&shared, &meter).await;
     let connected_at_end = shared.connected.load(Ordering::Relaxed);
+    let by_url_at_end: Vec<i64> = shared.by_endpoint.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     let (_, rss_end) = meter.process.sample();
     live.holding.store(false, Ordering::Relaxed);
     let (mut rtts, bell_failures) = match bells {
@@ -559,6 +617,8 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
         "devices": args.devices,
         "interval_ms": args.interval.as_millis() as u64,
         "connected": connected_at_end,
+        "urls": urls,
+        "connected_by_url": by_url_at_end,
         "all_connected_after_ramp": all_connected,
         "ramp_seconds": r2(ramp_secs),
         "hold_seconds": r2(hold_secs),

@@ -76,7 +76,7 @@ pub async fn device(shared: Arc<Shared>, idx: usize, id: Box<str>, broker: Broke
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    shared.up(idx);
+                    shared.up(idx, 0);
                     since = Some(Instant::now());
                     let _ = client.try_publish(status.as_str(), QoS::AtLeastOnce, true, "online");
                 }
@@ -84,7 +84,7 @@ pub async fn device(shared: Arc<Shared>, idx: usize, id: Box<str>, broker: Broke
                 Err(e) => {
                     match since.take() {
                         Some(at) => {
-                            shared.down(idx, true);
+                            shared.down(idx, 0, true);
                             if at.elapsed() >= STABLE_AFTER {
                                 backoff.reset();
                             }
@@ -108,7 +108,7 @@ pub async fn device(shared: Arc<Shared>, idx: usize, id: Box<str>, broker: Broke
             }
             _ = stop.changed() => {
                 if since.is_some() {
-                    shared.down(idx, false);
+                    shared.down(idx, 0, false);
                     let _ = client.try_disconnect();
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         while eventloop.poll().await.is_ok() {}

@@ -4,6 +4,11 @@
 //! the way the agent answers the built-in `ping` action. On a lost
 //! connection it reconnects with the agent's backoff (full jitter).
 //!
+//! With several collector URLs (cluster mode) a device is connected to one
+//! at a time and, like the agent with `collector_urls`, moves to the next
+//! URL (round robin) after every failed attempt or ended session, using the
+//! agent's own [`Endpoints`] ring.
+//!
 //! Per-device memory is what the connection needs plus a few words: the
 //! id, the dialer (URL, token, shared TLS config) and a sequence number.
 
@@ -14,6 +19,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pulsebell_agent::uplink::backoff::{Backoff, CAP, STABLE_AFTER};
+use pulsebell_agent::uplink::endpoints::Endpoints;
 use pulsebell_agent::uplink::{Dialer, WsStream};
 use pulsebell_proto::{decode, encode, AgentMsg, Bell, BellReport, BellState, ServerMsg};
 use rand::Rng;
@@ -22,28 +28,39 @@ use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, protoco
 
 use crate::fleet::{hello, pulse_bytes, Shared, Stop};
 
-/// Runs device `idx` until the load generator stops.
-pub async fn device(shared: Arc<Shared>, idx: usize, id: Box<str>, dialer: Dialer, local: Option<IpAddr>) {
+/// Runs device `idx` until the load generator stops, connected to one of
+/// `dialers` at a time (one per collector URL, sharing the token).
+pub async fn device(
+    shared: Arc<Shared>,
+    idx: usize,
+    id: Box<str>,
+    mut dialers: Endpoints<Dialer>,
+    local: Option<IpAddr>,
+) {
     let mut stop = shared.stop_rx();
     let mut backoff = Backoff::new(shared.backoff_base, CAP);
     let mut seq: u32 = 0;
     while !shared.stopping() {
         let attempt = tokio::select! {
-            r = dialer.connect_from(local) => r,
+            r = dialers.current().connect_from(local) => r,
             _ = stop.changed() => return,
         };
+        let endpoint = dialers.index();
         match attempt {
             Ok(ws) => {
-                shared.up(idx);
+                shared.up(idx, endpoint);
                 let started = Instant::now();
                 let lost = session(&shared, idx, &id, ws, &mut seq, &mut stop).await;
-                shared.down(idx, lost);
+                shared.down(idx, endpoint, lost);
                 if started.elapsed() >= STABLE_AFTER {
                     backoff.reset();
                 }
             }
             Err(e) => shared.failed(e.kind()),
         }
+        // As the agent does: the next attempt goes to the next collector
+        // (the same one when there is only one).
+        dialers.advance();
         let delay = backoff.next_delay(&mut rand::rng());
         tokio::select! {
             _ = sleep(delay) => {}
