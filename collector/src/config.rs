@@ -108,6 +108,12 @@ pub struct ClusterConfig {
     /// declared offline (`collector_lost`).
     #[serde(deserialize_with = "de_duration")]
     pub lost_after: Duration,
+    /// A device record whose only news is newer pulses is written back to
+    /// JetStream at most this often (liveness changes go at once): fewer
+    /// writes than pulses; other nodes see health and last-seen up to this
+    /// late.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -119,6 +125,7 @@ impl Default for ClusterConfig {
             nats_ca_file: None,
             replicas: None,
             lost_after: Duration::from_secs(8),
+            sync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -326,6 +333,9 @@ impl Config {
         }
         if self.cluster.replicas.is_some_and(|r| !(1..=5).contains(&r)) {
             return bad("cluster.replicas", "must be between 1 and 5");
+        }
+        if self.cluster.sync_interval > Duration::from_secs(600) {
+            return bad("cluster.sync_interval", "must be at most 10m");
         }
         if self.cluster.lost_after < Duration::from_secs(3) || self.cluster.lost_after > Duration::from_secs(120) {
             return bad("cluster.lost_after", "must be between 3s and 120s");

@@ -191,7 +191,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
             if let Some(t) = cluster_task {
                 let _ = t.await;
             }
-            writeback::write_back(&fleet, alerts.as_deref()).await?;
+            writeback::write_back_with(&fleet, alerts.as_deref(), true).await?;
             fleet.store().flush().await?;
             info!("shutdown complete");
             Ok(())

@@ -446,7 +446,7 @@ fn nats_backend(dir: &Path, config_toml: &str) -> (nats::NatsCluster, String) {
     }
     let _ = write!(
         config,
-        "\n# Added by pulsebell-tests ({BACKEND_ENV}=nats).\n[cluster]\nnats_urls = [{}]\nnode_id = {}\n",
+        "\n# Added by pulsebell-tests ({BACKEND_ENV}=nats). sync_interval 0: every\n# write-back goes out, as on sled, which these suites assume.\n[cluster]\nnats_urls = [{}]\nnode_id = {}\nsync_interval = \"0s\"\n",
         toml_str(&server.url(0)),
         toml_str(NATS_NODE_ID)
     );

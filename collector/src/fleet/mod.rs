@@ -63,6 +63,11 @@ struct Device {
     /// node of the cluster otherwise).
     owner: Option<String>,
     dirty: bool,
+    /// A change other nodes should see at the next write-back (liveness,
+    /// Hello), not only a newer pulse.
+    urgent: bool,
+    /// When its record was last taken into a batch, Unix ms.
+    written_ms: u64,
     /// The open history minute.
     minute: Option<Accumulator>,
     /// The last generation whose end another node's loss was recorded for.
@@ -71,7 +76,17 @@ struct Device {
 
 impl Device {
     fn new(enrolment: Enrolment, record: DeviceRecord) -> Device {
-        Device { enrolment, record, conn: None, owner: None, dirty: false, minute: None, ended_elsewhere: 0 }
+        Device {
+            enrolment,
+            record,
+            conn: None,
+            owner: None,
+            dirty: false,
+            urgent: false,
+            written_ms: 0,
+            minute: None,
+            ended_elsewhere: 0,
+        }
     }
 }
 
@@ -91,8 +106,19 @@ struct State {
 }
 
 impl State {
+    /// A liveness change: written at the next write-back.
     fn mark_dirty(&mut self, id: &str) {
+        self.mark(id, true);
+    }
+
+    /// Only a newer pulse: may wait for the sync interval (cluster mode).
+    fn mark_routine(&mut self, id: &str) {
+        self.mark(id, false);
+    }
+
+    fn mark(&mut self, id: &str, urgent: bool) {
         if let Some(d) = self.devices.get_mut(id) {
+            d.urgent |= urgent;
             if !d.dirty {
                 d.dirty = true;
                 self.dirty.push(id.to_string());
@@ -185,6 +211,8 @@ pub enum Refused {
 pub struct Fleet {
     config: Arc<Config>,
     node: String,
+    /// Routine (pulse-only) records wait this long between writes, ms.
+    sync_ms: u64,
     store: Arc<dyn Store>,
     state: Mutex<State>,
     /// Counters.
@@ -197,8 +225,15 @@ impl Fleet {
         let enrolments = store.enrolments().await?;
         let records = store.device_states().await?;
         let owners = store.owners().await?;
-        let fleet =
-            Arc::new(Fleet { config, node, store, state: Mutex::new(State::default()), stats: Stats::default() });
+        let sync_ms = if config.cluster.enabled() { config.cluster.sync_interval.as_millis() as u64 } else { 0 };
+        let fleet = Arc::new(Fleet {
+            config,
+            node,
+            sync_ms,
+            store,
+            state: Mutex::new(State::default()),
+            stats: Stats::default(),
+        });
         {
             let mut state = fleet.lock();
             let mut records: HashMap<String, DeviceRecord> = records.into_iter().collect();
@@ -406,8 +441,13 @@ impl Fleet {
         if let Some(b) = finished {
             state.history.push((id.to_string(), b));
         }
+        let urgent = !fx.events.is_empty();
         state.absorb(fx);
-        state.mark_dirty(id);
+        if urgent {
+            state.mark_dirty(id);
+        } else {
+            state.mark_routine(id);
+        }
         self.stats.pulses_accepted.fetch_add(1, Ordering::Relaxed);
         true
     }

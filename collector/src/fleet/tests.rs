@@ -128,3 +128,25 @@ async fn revocation_closes_and_forgets() {
     assert!(!f.exists("d1"));
     assert!(!f.revoke("d1").await.unwrap());
 }
+
+#[tokio::test]
+async fn in_a_cluster_pulses_wait_for_the_sync_interval_but_liveness_does_not() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let mut config = Config::default();
+    config.cluster.nats_urls = vec!["nats://127.0.0.1:4222".into()];
+    let f = Fleet::load(Arc::new(config), "n1".into(), store.clone()).await.unwrap();
+    f.enroll(&["d1".to_string()], false).await.unwrap();
+    let (g, _rx) = connect(&f, "d1").await;
+    assert_eq!(f.take_batch(false).records.len(), 1, "a new connection goes out at once");
+    assert!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }));
+    let b = f.take_batch(false);
+    assert!(b.records.is_empty() && !b.complete, "a pulse waits for the sync interval");
+    assert!(f.offline("d1", g, Reason::Silent));
+    assert_eq!(f.take_batch(false).records.len(), 1, "going offline goes out at once");
+    assert!(f.pulse("d1", g, Pulse { seq: 2, health: Health::default() }));
+    assert_eq!(f.take_batch(false).records.len(), 1, "back online goes out at once");
+    assert!(f.pulse("d1", g, Pulse { seq: 3, health: Health::default() }));
+    assert!(f.take_batch(false).records.is_empty());
+    let b = f.take_batch(true);
+    assert_eq!((b.records.len(), b.complete), (1, true), "shutdown writes everything");
+}

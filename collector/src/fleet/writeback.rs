@@ -3,8 +3,12 @@
 //!
 //! A device pulsing many times in one window is written once: the batch
 //! holds each dirty device's latest record, so store writes per second are
-//! bounded by the number of devices, not by the pulse rate. A failed write
-//! puts everything back for the next round.
+//! bounded by the number of devices, not by the pulse rate. In cluster mode
+//! a record whose only news is a newer pulse waits until its last write is
+//! `[cluster] sync_interval` old (default 30 s): with a 10 s pulse interval
+//! that is one JetStream write per three pulses, while liveness changes
+//! (online, offline, a new connection) still go out at the next round. A
+//! failed write puts everything back for the next round.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -29,6 +33,8 @@ pub struct Batch {
     pub alerts: Vec<Raised>,
     /// Pulses accepted up to this batch.
     pub pulses: u64,
+    /// Whether no record was left for a later round.
+    pub complete: bool,
 }
 
 impl Batch {
@@ -40,21 +46,34 @@ impl Batch {
 
 impl Fleet {
     /// Takes what changed since the last batch (under the lock; copies
-    /// only, no I/O).
-    pub fn take_batch(&self) -> Batch {
+    /// only, no I/O). Routine records younger than the sync interval stay
+    /// for a later round, unless `force` (shutdown).
+    pub fn take_batch(&self, force: bool) -> Batch {
+        let now = crate::clock::now_ms();
+        let sync_ms = self.sync_ms;
         let mut state = self.lock();
         let ids = std::mem::take(&mut state.dirty);
         let events = std::mem::take(&mut state.events);
         let history = std::mem::take(&mut state.history);
         let alerts = std::mem::take(&mut state.alerts);
         let mut records = Vec::with_capacity(ids.len());
+        let mut deferred = Vec::new();
         for id in ids {
             if let Some(d) = state.devices.get_mut(&id) {
+                if !force && !d.urgent && now.saturating_sub(d.written_ms) < sync_ms {
+                    deferred.push(id);
+                    continue;
+                }
                 d.dirty = false;
+                d.urgent = false;
+                d.written_ms = now;
                 records.push((id, d.record.clone()));
             }
         }
-        Batch { records, events, history, alerts, pulses: self.stats.pulses_accepted.load(Ordering::Relaxed) }
+        let complete = deferred.is_empty();
+        state.dirty = deferred;
+        let pulses = self.stats.pulses_accepted.load(Ordering::Relaxed);
+        Batch { records, events, history, alerts, pulses, complete }
     }
 
     /// Puts back what a failed write did not store, ahead of newer changes.
@@ -75,9 +94,16 @@ impl Fleet {
 /// Writes one batch: events, history and device records to the store, and
 /// raised alerts to the outbox. Returns the number of device records.
 pub async fn write_back(fleet: &Fleet, alerts: Option<&Alerts>) -> anyhow::Result<usize> {
-    let batch = fleet.take_batch();
+    write_back_with(fleet, alerts, false).await
+}
+
+/// Like [`write_back`]; `force` writes every dirty record now (shutdown).
+pub async fn write_back_with(fleet: &Fleet, alerts: Option<&Alerts>, force: bool) -> anyhow::Result<usize> {
+    let batch = fleet.take_batch(force);
     if batch.is_empty() {
-        fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
+        if batch.complete {
+            fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
+        }
         return Ok(0);
     }
     let store = fleet.store();
@@ -103,12 +129,14 @@ pub async fn write_back(fleet: &Fleet, alerts: Option<&Alerts>) -> anyhow::Resul
     }
     let n = batch.records.len();
     fleet.stats.records_written.fetch_add(n as u64, Ordering::Relaxed);
-    fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
+    if batch.complete {
+        fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
+    }
     if let Some(a) = alerts {
         if !batch.alerts.is_empty() {
             if let Err(e) = a.enqueue(batch.alerts.clone()).await {
                 warn!(error = %e, "cannot queue alerts; will retry");
-                fleet.requeue(Batch { alerts: batch.alerts, ..Batch::default() });
+                fleet.requeue(Batch { alerts: batch.alerts, complete: true, ..Batch::default() });
             }
         }
     }
