@@ -330,10 +330,6 @@ pub async fn run(
 
         }
     };
-    // Reports already received are still recorded (the agent's journal
-    // would re-send them anyway).
-    drop(report_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
     if let Some((code, reason)) = &end.close {
         info!(%peer, device, generation, code, %reason, "closing connection");
         send_close(&mut ws, *code, reason).await;
@@ -341,6 +337,11 @@ pub async fn run(
         debug!(%peer, device, generation, "connection ended");
     }
     gw.ended(&device, generation, end.reason).await;
+    // Reports already received are still recorded, after the close (it must
+    // not wait on a store that may be unreachable; the agent's journal
+    // would re-send them anyway).
+    drop(report_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
 }
 
 /// The agent closed the connection: a goodbye (1001) is a planned stop (or
