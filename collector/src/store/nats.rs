@@ -78,6 +78,13 @@ const WATCH_QUIET: Duration = Duration::from_secs(20);
 /// Publishes in flight at once in a batch.
 const PIPELINE: usize = 512;
 
+/// Whether a JetStream error is worth retrying (a timeout, no responders
+/// during an election), not a final answer (placement, permissions).
+fn is_transient(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("timed out") || e.contains("no responders") || e.contains("timeout") || e.contains("not available")
+}
+
 /// Device id → key (`.` → `=`).
 fn key(device: &str) -> String {
     device.replace('.', "=")
@@ -193,9 +200,15 @@ impl NatsStore {
         let bucket = |name: &'static str, max_age: Duration| {
             let js = js.clone();
             async move {
-                match js.get_key_value(name).await {
-                    Ok(kv) => Ok(kv),
-                    Err(_) => js
+                // A cluster that just started (or is electing a leader) may
+                // time out: retry those; a placement error is final.
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    if let Ok(kv) = js.get_key_value(name).await {
+                        return Ok(kv);
+                    }
+                    let created = js
                         .create_key_value(kv::Config {
                             bucket: name.to_string(),
                             history: 1,
@@ -204,12 +217,19 @@ impl NatsStore {
                             storage: stream::StorageType::File,
                             ..Default::default()
                         })
-                        .await
-                        .map_err(|e| {
-                            anyhow::anyhow!(
+                        .await;
+                    match created {
+                        Ok(kv) => return Ok(kv),
+                        Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
+                            warn!(bucket = name, attempt, error = %e, "creating a JetStream bucket; retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        Err(e) => {
+                            return Err(anyhow::anyhow!(
                                 "cannot create JetStream bucket `{name}` with {replicas} replicas ({setting}): {e}"
-                            )
-                        }),
+                            ))
+                        }
+                    }
                 }
             }
         };
@@ -224,20 +244,35 @@ impl NatsStore {
             meta: bucket(META, Duration::ZERO).await?,
             provision: bucket(PROVISION, Duration::ZERO).await?,
         };
-        let events = js
-            .get_or_create_stream(stream::Config {
-                name: EVENTS.to_string(),
-                subjects: vec![format!("{EVENTS_PREFIX}.>")],
-                max_age: EVENT_RETENTION,
-                num_replicas: replicas,
-                duplicate_window: Duration::from_secs(120),
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot create JetStream stream `{EVENTS}` with {replicas} replicas ({setting}): {e}")
-            })?;
+        let events = {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let created = js
+                    .get_or_create_stream(stream::Config {
+                        name: EVENTS.to_string(),
+                        subjects: vec![format!("{EVENTS_PREFIX}.>")],
+                        max_age: EVENT_RETENTION,
+                        num_replicas: replicas,
+                        duplicate_window: Duration::from_secs(120),
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(s) => break s,
+                    Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
+                        warn!(stream = EVENTS, attempt, error = %e, "creating a JetStream stream; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::anyhow!(
+                            "cannot create JetStream stream `{EVENTS}` with {replicas} replicas ({setting}): {e}"
+                        ))
+                    }
+                }
+            }
+        };
         let instance = {
             let id = format!("{:016x}", rand::random::<u64>());
             match buckets.meta.create("instance", Bytes::from(id.clone())).await {
