@@ -1,9 +1,12 @@
 # Sourced by scripts/cross-test and scripts/package: Debian's Rust toolchain
-# (rustc-web/cargo-web, which ships std for arm64 and armhf as multiarch
-# packages) and its cross linkers and qemu-user. The rustup toolchain has no
-# foreign std and this machine cannot download one, so cross builds use
-# /usr/bin/rustc and /usr/bin/cargo, in their own target dir so they never
-# invalidate the native builds in target/.
+# (rustc-web/cargo-web) with its cross linkers and qemu-user. The rustup
+# toolchain has no foreign std and this machine cannot download one, so cross
+# builds use /usr/bin/rustc and /usr/bin/cargo, in their own target dir so they
+# never invalidate the native builds in target/.
+#   aarch64: std from the multiarch package libstd-rust-web-dev:arm64.
+#   armv7:   std built from Debian's own std sources (rust-web-src) with
+#            -Zbuild-std; no armhf apt architecture (its security index often
+#            can't be fetched here, and nothing else of armhf is needed).
 #
 # Environment:
 #   PULSEBELL_CROSS_TARGET_DIR  cargo target dir for cross builds (default target/cross)
@@ -11,21 +14,78 @@
 AARCH64=aarch64-unknown-linux-gnu
 ARMV7=armv7-unknown-linux-gnueabihf
 CROSS_TARGET_DIR=${PULSEBELL_CROSS_TARGET_DIR:-$PWD/target/cross}
-# Written by the armhf step; read by scripts/package.
-ARMV7_STATUS_FILE=$CROSS_TARGET_DIR/armv7.status
+# armv7 builds have a target dir of their own, inside the cross one: they need
+# RUSTC_BOOTSTRAP=1 (below), and build scripts that watch it (proc-macro2,
+# anyhow, thiserror: rerun-if-env-changed=RUSTC_BOOTSTRAP) would otherwise
+# rebuild every shared host crate, and everything after them, each time
+# aarch64 and armv7 builds take turns.
+ARMV7_TARGET_DIR=$CROSS_TARGET_DIR/build-std
+# armv7: std is built from source with each profile (test and agent-release).
+BUILD_STD=std,panic_abort
+# In the test profile std would be built at opt-level 0 with debug assertions,
+# and the emulated unit tests would then take ~2.5x as long (the journal test:
+# 111 s of CPU instead of 45 s under qemu-arm). Build std optimised, like the
+# prebuilt std the aarch64 tests link; the workspace and its dependencies keep
+# the test profile (except hashbrown: the override goes by package name). The
+# overrides are for `dev`/`test` only: agent-release builds std its own way.
+ARMV7_STD_PROFILE=()
+for _p in core alloc std hashbrown; do
+    for _kv in opt-level=2 debug-assertions=false overflow-checks=false debug=false; do
+        ARMV7_STD_PROFILE+=(--config "profile.dev.package.$_p.$_kv")
+    done
+done
+unset _p _kv
+# armhf libraries for qemu-arm: the loader and libc of libc6-armhf-cross (the
+# same ones the binary is linked against).
+ARMHF_ROOT=/usr/arm-linux-gnueabihf
 
-# cargo with Debian's rustc. qemu-user runs the foreign test binaries; no -L:
-# libstd-rust-web-dev:ARCH pulls in the multiarch libc6:ARCH, whose loader
-# (/lib/ld-linux-*.so) and libc come from the same package. Don't use
-# `-L /usr/aarch64-linux-gnu`: that loader is libc6-arm64-cross's, which finds
-# the multiarch libc.so.6 through /etc/ld.so.cache; when the two versions
-# differ (2.36-8cross1 vs 2.36-9+deb12u14 here) the first pthread_create
-# spins forever (every test binary hangs).
+# cargo with Debian's rustc. qemu-user runs the foreign test binaries.
+# aarch64: no -L / QEMU_LD_PREFIX: libstd-rust-web-dev:arm64 pulls in the
+# multiarch libc6:arm64, whose loader (/lib/ld-linux-aarch64.so.1) and libc come
+# from the same package. Don't use `-L /usr/aarch64-linux-gnu`: that loader is
+# libc6-arm64-cross's, which finds the multiarch libc.so.6 through
+# /etc/ld.so.cache; when the two versions differ (2.36-8cross1 vs
+# 2.36-9+deb12u14 here) the first pthread_create spins forever (every test
+# binary hangs).
+# armv7: no multiarch libc6:armhf is installed, so QEMU_LD_PREFIX points qemu at
+# libc6-armhf-cross (loader and libc from one package).
 dcargo() {
-    env RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc CARGO_TARGET_DIR="$CROSS_TARGET_DIR" \
+    env RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc CARGO_TARGET_DIR="${DCARGO_TARGET_DIR:-$CROSS_TARGET_DIR}" \
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER=qemu-aarch64-static \
-        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUNNER=qemu-arm-static \
+        CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_RUNNER="env QEMU_LD_PREFIX=$ARMHF_ROOT qemu-arm-static" \
         /usr/bin/cargo "$@"
+}
+
+# cargo SUBCOMMAND for one cross target: xcargo TARGET SUBCOMMAND ARGS...
+# armv7 adds -Zbuild-std (RUSTC_BOOTSTRAP=1 lets the stable rustc/cargo accept
+# it; only for armv7, so the aarch64 builds' fingerprints stay as they are).
+xcargo() {
+    local target=$1 sub=$2
+    shift 2
+    case $target in
+        "$ARMV7") RUSTC_BOOTSTRAP=1 DCARGO_TARGET_DIR=$ARMV7_TARGET_DIR \
+            dcargo "$sub" -Zbuild-std="$BUILD_STD" "${ARMV7_STD_PROFILE[@]}" --target "$target" "$@" ;;
+        *) dcargo "$sub" --target "$target" "$@" ;;
+    esac
+}
+
+# Cargo target dir of a cross target's builds: target_dir TARGET
+target_dir() {
+    case $1 in
+        "$ARMV7") echo "$ARMV7_TARGET_DIR" ;;
+        *) echo "$CROSS_TARGET_DIR" ;;
+    esac
+}
+
+# Run a foreign binary: qemu_run TARGET BIN ARGS...
+qemu_run() {
+    local target=$1
+    shift
+    case $target in
+        "$AARCH64") qemu-aarch64-static "$@" ;;
+        "$ARMV7") QEMU_LD_PREFIX=$ARMHF_ROOT qemu-arm-static "$@" ;;
+        *) echo "qemu_run: unknown target $target" >&2; return 1 ;;
+    esac
 }
 
 installed_version() { { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
@@ -57,9 +117,11 @@ setup_debian_rust_arm64() {
         echo "Debian Rust toolchain for arm64 already installed ($(installed_version rustc-web))"
         return 0
     fi
-    # A leftover armhf architecture with a broken index would make the update
-    # below fail; drop it unless something of it is installed.
-    if dpkg --print-foreign-architectures | grep -qx armhf && [ -z "$(installed_version libstd-rust-web-dev:armhf)" ]; then
+    # A leftover armhf architecture (older versions of this script added it for
+    # libstd-rust-web-dev:armhf) with a broken index would make the update below
+    # fail; drop it unless some armhf package is installed.
+    if dpkg --print-foreign-architectures | grep -qx armhf \
+            && ! dpkg-query -W -f='${Architecture}\n' 2>/dev/null | grep -qx armhf; then
         dpkg --remove-architecture armhf 2>/dev/null || true
     fi
     dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
@@ -75,49 +137,43 @@ setup_debian_rust_arm64() {
     apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null
 }
 
-# armhf std for the same rustc. Optional: on success writes "ok" to
-# $ARMV7_STATUS_FILE, otherwise "SKIP: <reason>" (and removes the armhf
-# architecture again so apt-get update stays clean).
-setup_debian_rust_armhf() {
-    mkdir -p "$CROSS_TARGET_DIR"
-    local want have
+# armv7: Debian's std sources for the same rustc (rust-web-src, Architecture:
+# all; /usr/lib/rustlib/src/rust), the armhf cross linker and libc. Mandatory.
+# -Zbuild-std takes std's own dependencies (libc, hashbrown, ...) from
+# crates.io at the versions in the sources' library/Cargo.lock.
+setup_debian_rust_armv7() {
+    local pkgs=(rust-web-src gcc-arm-linux-gnueabihf libc6-dev-armhf-cross binutils-arm-linux-gnueabihf
+        qemu-user-static)
+    local p missing=() want
     want=$(installed_version rustc-web)
-    have=$(installed_version libstd-rust-web-dev:armhf)
-    if [ -n "$have" ] && [ "$have" = "$want" ] && [ -n "$(installed_version gcc-arm-linux-gnueabihf)" ]; then
-        echo ok >"$ARMV7_STATUS_FILE"
-        return 0
+    for p in "${pkgs[@]}"; do [ -n "$(installed_version "$p")" ] || missing+=("$p"); done
+    if [ ${#missing[@]} -eq 0 ] && [ "$(installed_version rust-web-src)" = "$want" ]; then
+        echo "Debian std sources and armhf cross toolchain already installed (rust-web-src $want)"
+    else
+        local src
+        src=$(candidate_version rust-web-src)
+        if [ "$src" != "$want" ]; then
+            apt_update || echo "warning: apt-get update reported errors" >&2
+            src=$(candidate_version rust-web-src)
+        fi
+        local extra=()
+        if [ "$src" != "$want" ]; then
+            # Debian has moved on since rustc-web was installed: upgrade the
+            # compiler, the arm64 std and the sources together.
+            if [ -n "$src" ] && [ "$src" = "$(candidate_version rustc-web)" ] \
+                    && [ "$src" = "$(candidate_version libstd-rust-web-dev:arm64)" ]; then
+                echo "upgrading Debian's Rust toolchain $want -> $src"
+                extra=(rustc-web cargo-web libstd-rust-web-dev:arm64)
+            else
+                echo "FAIL: Debian offers rust-web-src ${src:-none}, but rustc-web is $want" >&2
+                return 1
+            fi
+        fi
+        apt-get install -y -q --no-install-recommends "${extra[@]}" "${pkgs[@]}" >/dev/null
     fi
-    local added=0 reason=""
-    if ! dpkg --print-foreign-architectures | grep -qx armhf; then
-        dpkg --add-architecture armhf
-        added=1
-    fi
-    if ! apt_update 2>"$CROSS_TARGET_DIR/armhf-apt.err"; then
-        reason="apt-get update failed for armhf ($(grep -m1 '^E:' "$CROSS_TARGET_DIR/armhf-apt.err" | sed 's/^E: //; s/ Mirror sync.*//; s/  */ /g'))"
-    fi
-    local cand
-    cand=$(candidate_version libstd-rust-web-dev:armhf)
-    if [ -z "$reason" ] && [ "$cand" != "$want" ]; then
-        reason="Debian offers libstd-rust-web-dev:armhf ${cand:-none}, but rustc-web is $want"
-    elif [ -n "$reason" ] && [ "$cand" != "$want" ]; then
-        reason="$reason; only libstd-rust-web-dev:armhf ${cand:-none} is offered, rustc-web is $want"
-    elif [ -n "$reason" ]; then
-        reason=""  # the index that failed did not matter: the right std is there
-    fi
-    if [ -z "$reason" ] && ! apt-get install -y -q --no-install-recommends libstd-rust-web-dev:armhf \
-            gcc-arm-linux-gnueabihf libc6-dev-armhf-cross binutils-arm-linux-gnueabihf >/dev/null; then
-        reason="apt-get install of libstd-rust-web-dev:armhf $want failed"
-    fi
-    if [ -z "$reason" ]; then
-        echo ok >"$ARMV7_STATUS_FILE"
-        return 0
-    fi
-    echo "SKIP: $reason" >"$ARMV7_STATUS_FILE"
-    if [ "$added" = 1 ] && ! dpkg-query -W -f='${Architecture}\n' 2>/dev/null | grep -qx armhf; then
-        dpkg --remove-architecture armhf
-        apt_update || echo "warning: apt-get update still reports errors after removing armhf" >&2
-    fi
-    return 0
+    local lib
+    lib=$(/usr/bin/rustc --print sysroot)/lib/rustlib/src/rust/library
+    [ -f "$lib/Cargo.lock" ] && [ -d "$lib/std" ] || { echo "FAIL: no std sources at $lib" >&2; return 1; }
 }
 
 # Highest GLIBC_x.y symbol version a binary needs.
