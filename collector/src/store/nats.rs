@@ -10,12 +10,18 @@
 //! | KV `pulsebell_devices` | device | [`DeviceRecord`] (written back by the node holding it) |
 //! | KV `pulsebell_owners` | device | [`Owner`]: node and generation, compare-and-set |
 //! | KV `pulsebell_bells` | id (20 digits) | [`BellRecord`], compare-and-set; kept 90 days |
-//! | KV `pulsebell_history` | device `.` hour | that hour's minutes (postcard); `max_age` = history retention |
 //! | KV `pulsebell_outbox` | id (20 digits) | [`OutboxEntry`] + lease |
 //! | KV `pulsebell_nodes` | node | [`NodeRecord`] heartbeat |
 //! | KV `pulsebell_provision` | key id | [`ProvisionKey`], compare-and-set |
 //! | KV `pulsebell_meta` | `instance`, `seq_bell`, `seq_id` | cluster id and counters |
 //! | stream `PULSEBELL_EVENTS` | `pulsebell.events.<device>` | [`EventRecord`], 30 days |
+//! | stream `PULSEBELL_HISTORY` | `pulsebell.history.<device>` | finished minutes of one write-back round (postcard); `max_age` = history retention |
+//!
+//! History is a stream, not a bucket: a round appends each device's new
+//! minutes with one pipelined publish (no read-before-write, no
+//! compare-and-set), and a reader folds a device's messages by minute (the
+//! last write of a minute wins, so a hand-over between two nodes within a
+//! minute is harmless).
 //!
 //! Device ids may hold `.`, which NATS keys and subjects use as a
 //! separator; keys spell it `=` (not allowed in device ids).
@@ -53,13 +59,14 @@ const ENROLMENTS: &str = "pulsebell_enrolments";
 const DEVICES: &str = "pulsebell_devices";
 const OWNERS: &str = "pulsebell_owners";
 const BELLS: &str = "pulsebell_bells";
-const HISTORY: &str = "pulsebell_history";
 const OUTBOX: &str = "pulsebell_outbox";
 const NODES: &str = "pulsebell_nodes";
 const META: &str = "pulsebell_meta";
 const PROVISION: &str = "pulsebell_provision";
 const EVENTS: &str = "PULSEBELL_EVENTS";
 const EVENTS_PREFIX: &str = "pulsebell.events";
+const HISTORY: &str = "PULSEBELL_HISTORY";
+const HISTORY_PREFIX: &str = "pulsebell.history";
 /// Core NATS subject of heartbeats (`.<node>`): not JetStream, so a stream
 /// leader election never delays them.
 const HEARTBEAT_PREFIX: &str = "pulsebell.heartbeat";
@@ -75,7 +82,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A watch with nothing to say for this long is restarted (the nodes
 /// bucket gets a heartbeat every few seconds, so silence means trouble).
 const WATCH_QUIET: Duration = Duration::from_secs(20);
-/// Publishes in flight at once in a batch.
+/// How often a node's record goes to the nodes bucket (its heartbeat goes
+/// out on core NATS far more often).
+const NODE_RECORD_EVERY: Duration = Duration::from_secs(2);
+/// Publishes in flight at once in a batch (the client allows 5,000
+/// unacknowledged ones in all).
 const PIPELINE: usize = 512;
 
 /// Whether a JetStream error is worth retrying (a timeout, no responders
@@ -123,9 +134,12 @@ pub struct NatsStore {
     js: jetstream::Context,
     buckets: Buckets,
     events: stream::Stream,
+    history: stream::Stream,
     instance: String,
     node: String,
     corrupt: Arc<AtomicU64>,
+    /// When the node record was last written to its bucket, Unix ms.
+    node_record_ms: AtomicU64,
     changes: Mutex<Option<mpsc::Receiver<Change>>>,
     watch_tx: Mutex<Option<mpsc::Sender<Change>>>,
 }
@@ -136,7 +150,6 @@ struct Buckets {
     devices: kv::Store,
     owners: kv::Store,
     bells: kv::Store,
-    history: kv::Store,
     outbox: kv::Store,
     nodes: kv::Store,
     meta: kv::Store,
@@ -238,41 +251,47 @@ impl NatsStore {
             devices: bucket(DEVICES, Duration::ZERO).await?,
             owners: bucket(OWNERS, Duration::ZERO).await?,
             bells: bucket(BELLS, BELL_RETENTION).await?,
-            history: bucket(HISTORY, history_retention).await?,
             outbox: bucket(OUTBOX, Duration::ZERO).await?,
             nodes: bucket(NODES, Duration::from_secs(24 * 3600)).await?,
             meta: bucket(META, Duration::ZERO).await?,
             provision: bucket(PROVISION, Duration::ZERO).await?,
         };
-        let events = {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let created = js
-                    .get_or_create_stream(stream::Config {
-                        name: EVENTS.to_string(),
-                        subjects: vec![format!("{EVENTS_PREFIX}.>")],
-                        max_age: EVENT_RETENTION,
-                        num_replicas: replicas,
-                        duplicate_window: Duration::from_secs(120),
-                        storage: stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await;
-                match created {
-                    Ok(s) => break s,
-                    Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
-                        warn!(stream = EVENTS, attempt, error = %e, "creating a JetStream stream; retrying");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                    Err(e) => {
-                        return Err(anyhow::anyhow!(
-                            "cannot create JetStream stream `{EVENTS}` with {replicas} replicas ({setting}): {e}"
-                        ))
+        let stream = |name: &'static str, prefix: &'static str, max_age: Duration, duplicate_window: Duration| {
+            let js = js.clone();
+            async move {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let created = js
+                        .get_or_create_stream(stream::Config {
+                            name: name.to_string(),
+                            subjects: vec![format!("{prefix}.>")],
+                            max_age,
+                            num_replicas: replicas,
+                            duplicate_window,
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await;
+                    match created {
+                        Ok(s) => return Ok(s),
+                        Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
+                            warn!(stream = name, attempt, error = %e, "creating a JetStream stream; retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        Err(e) => {
+                            return Err(anyhow::anyhow!(
+                                "cannot create JetStream stream `{name}` with {replicas} replicas ({setting}): {e}"
+                            ))
+                        }
                     }
                 }
             }
         };
+        let events = stream(EVENTS, EVENTS_PREFIX, EVENT_RETENTION, Duration::from_secs(120)).await?;
+        // The duplicate window must not exceed max_age.
+        let history =
+            stream(HISTORY, HISTORY_PREFIX, history_retention, history_retention.min(Duration::from_secs(120))).await?;
         let instance = {
             let id = format!("{:016x}", rand::random::<u64>());
             match buckets.meta.create("instance", Bytes::from(id.clone())).await {
@@ -293,9 +312,11 @@ impl NatsStore {
             js,
             buckets,
             events,
+            history,
             instance,
             node: node.to_string(),
             corrupt: Arc::new(AtomicU64::new(0)),
+            node_record_ms: AtomicU64::new(0),
             changes: Mutex::new(Some(rx)),
             watch_tx: Mutex::new(Some(tx)),
         })
@@ -601,10 +622,9 @@ impl Store for NatsStore {
         for kv in [&self.buckets.enrolments, &self.buckets.devices] {
             kv.purge(k.as_str()).await.map_err(|e| err(format!("deleting {}/{k}", kv.name), e))?;
         }
-        let history = self.js.get_stream(format!("KV_{HISTORY}")).await.map_err(|e| err("opening history", e))?;
-        history
+        self.history
             .purge()
-            .filter(format!("$KV.{HISTORY}.{k}.>"))
+            .filter(format!("{HISTORY_PREFIX}.{k}"))
             .await
             .map_err(|e| err(format!("deleting history of {device}"), e))?;
         Ok(existed)
@@ -713,11 +733,48 @@ impl Store for NatsStore {
     }
 
     async fn append_events(&self, events: &[EventRecord]) -> Result<()> {
-        // One at a time, in order: the stream keeps them in publish order.
-        for e in events {
-            let k = key(&e.device);
-            let id = format!("ev-{k}-{}-{:?}-{}-{}", e.generation, e.kind, e.reason, e.at_ms);
-            publish(&self.js, format!("{EVENTS_PREFIX}.{k}"), encode(e)?, Some(id)).await?;
+        // Sent in order on one connection (the stream stores them in that
+        // order) and acknowledged together. After a failure the rest is
+        // sent again one by one with the same message ids: JetStream drops
+        // what it already has. A retried event may land after a later one
+        // of another connection; readers order a device's events by
+        // generation.
+        let msgs = events
+            .iter()
+            .map(|e| {
+                let k = key(&e.device);
+                let id = format!("ev-{k}-{}-{:?}-{}-{}", e.generation, e.kind, e.reason, e.at_ms);
+                Ok((format!("{EVENTS_PREFIX}.{k}"), encode(e)?, id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // In chunks: the client holds at most 5,000 unacknowledged
+        // publishes (a semaphore; a sender waits for a permit), so acks
+        // must be awaited before more than that are sent.
+        let mut failed = msgs.len();
+        'chunks: for (c, chunk) in msgs.chunks(PIPELINE).enumerate() {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (i, (subject, payload, id)) in chunk.iter().enumerate() {
+                let p = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(id.as_str());
+                match self.js.send_publish(subject.clone(), p).await {
+                    Ok(ack) => acks.push(ack),
+                    Err(_) => {
+                        failed = c * PIPELINE + i;
+                        break;
+                    }
+                }
+            }
+            for (i, ack) in acks.into_iter().enumerate() {
+                if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, ack).await, Ok(Ok(_))) {
+                    failed = failed.min(c * PIPELINE + i);
+                    break;
+                }
+            }
+            if failed < msgs.len() {
+                break 'chunks;
+            }
+        }
+        for (subject, payload, id) in msgs.into_iter().skip(failed) {
+            publish(&self.js, subject, payload, Some(id)).await?;
         }
         Ok(())
     }
@@ -766,70 +823,65 @@ impl Store for NatsStore {
     }
 
     async fn put_history(&self, buckets: &[(String, Bucket)]) -> Result<()> {
-        let mut by_hour: BTreeMap<(String, u32), Vec<StoredBucket>> = BTreeMap::new();
+        let mut by_device: BTreeMap<&str, Vec<StoredBucket>> = BTreeMap::new();
         for (device, b) in buckets {
-            by_hour.entry((device.clone(), b.minute / 60)).or_default().push(StoredBucket::from(b));
+            by_device.entry(device.as_str()).or_default().push(StoredBucket::from(b));
         }
-        for ((device, hour), minutes) in by_hour {
-            let k = format!("{}.{hour}", key(&device));
-            let kv = &self.buckets.history;
-            // The node holding the device is the only writer; compare-and-set
-            // guards the hand-over between two nodes within one hour.
-            let mut delay = Duration::from_millis(5);
-            let mut done = false;
-            for _ in 0..CAS_ATTEMPTS {
-                let entry = kv.entry(k.as_str()).await.map_err(|e| err(format!("reading {HISTORY}/{k}"), e))?;
-                let (mut hour_buckets, rev): (Vec<StoredBucket>, Option<u64>) = match entry {
-                    Some(e) if e.operation == kv::Operation::Put => {
-                        (postcard::from_bytes(&e.value).unwrap_or_default(), Some(e.revision))
-                    }
-                    Some(e) => (vec![], Some(e.revision)),
-                    None => (vec![], None),
-                };
-                for m in &minutes {
-                    match hour_buckets.binary_search_by_key(&m.minute(), StoredBucket::minute) {
-                        Ok(i) => hour_buckets[i] = m.clone(),
-                        Err(i) => hour_buckets.insert(i, m.clone()),
-                    }
-                }
-                let bytes = Bytes::from(postcard::to_stdvec(&hour_buckets).map_err(|e| err("encoding history", e))?);
-                let ok = match rev {
-                    Some(r) => kv.update(k.as_str(), bytes, r).await.is_ok(),
-                    None => kv.create(k.as_str(), bytes).await.is_ok(),
-                };
-                if ok {
-                    done = true;
-                    break;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
-            if !done {
-                return Err(StoreError::Unavailable(format!("{HISTORY}/{k}: cannot write")));
-            }
-        }
-        Ok(())
+        let msgs = by_device
+            .into_iter()
+            .map(|(device, minutes)| {
+                let k = key(device);
+                let first = minutes.iter().map(StoredBucket::minute).min().unwrap_or(0);
+                let last = minutes.iter().map(StoredBucket::minute).max().unwrap_or(0);
+                let bytes = postcard::to_stdvec(&minutes).map_err(|e| err("encoding history", e))?;
+                Ok((format!("{HISTORY_PREFIX}.{k}"), Bytes::from(bytes), Some(format!("h-{k}-{first}-{last}"))))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.publish_all(msgs).await
     }
 
     async fn history(&self, device: &str, since_minute: u32) -> Result<Vec<Bucket>> {
-        let rows = self.scan(&self.buckets.history, &format!("{}.*", key(device))).await?;
-        let mut hours: Vec<(u32, Vec<StoredBucket>)> = rows
-            .into_iter()
-            .filter_map(|(k, v, _)| {
-                let hour: u32 = k.rsplit('.').next()?.parse().ok()?;
-                match postcard::from_bytes::<Vec<StoredBucket>>(&v) {
-                    Ok(b) => Some((hour, b)),
+        // A round is published after its minutes ended, so messages from
+        // before `since_minute` hold only older minutes.
+        let start = time::OffsetDateTime::from_unix_timestamp(i64::from(since_minute) * 60)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let subject = format!("{HISTORY_PREFIX}.{}", key(device));
+        let consumer = self
+            .history
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("reading history", e))?;
+        let mut minutes: BTreeMap<u32, StoredBucket> = BTreeMap::new();
+        if consumer.cached_info().num_pending > 0 {
+            let mut messages = consumer.messages().await.map_err(|e| err("reading history", e))?;
+            loop {
+                let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next())
+                    .await
+                    .map_err(|_| StoreError::Unavailable("reading history timed out".into()))?;
+                let Some(m) = next else { break };
+                let m = m.map_err(|e| err("reading history", e))?;
+                let pending = m.info().map(|i| i.pending).unwrap_or(0);
+                match postcard::from_bytes::<Vec<StoredBucket>>(&m.payload) {
+                    Ok(round) => {
+                        for b in round.into_iter().filter(|b| b.minute() >= since_minute) {
+                            minutes.insert(b.minute(), b);
+                        }
+                    }
                     Err(e) => {
                         self.corrupt.fetch_add(1, Ordering::Relaxed);
-                        warn!(bucket = HISTORY, key = %k, error = %e, "skipping a record that does not decode");
-                        None
+                        warn!(stream = HISTORY, subject = %subject, error = %e, "skipping a record that does not decode");
                     }
                 }
-            })
-            .filter(|(hour, _)| *hour >= since_minute / 60)
-            .collect();
-        hours.sort_by_key(|(h, _)| *h);
-        Ok(hours.into_iter().flat_map(|(_, b)| b).filter(|b| b.minute() >= since_minute).map(Into::into).collect())
+                if pending == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(minutes.into_values().map(Into::into).collect())
     }
 
     async fn prune(&self, _events_before_ms: u64, _history_before_minute: u32, _devices: &[String]) -> Result<usize> {
@@ -894,8 +946,16 @@ impl Store for NatsStore {
             .publish(format!("{HEARTBEAT_PREFIX}.{}", node.id), bytes.clone())
             .await
             .map_err(|e| err("publishing the heartbeat", e))?;
-        // Also kept in a bucket, so `cluster` knows nodes that are gone;
-        // best effort, never waited for.
+        // Also kept in a bucket, so `cluster` knows nodes that are gone
+        // (every NODE_RECORD_EVERY: a replicated write, watched by every
+        // node; liveness goes by the core NATS heartbeat above); best
+        // effort, never waited for.
+        let now = crate::clock::now_ms();
+        let last = self.node_record_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < NODE_RECORD_EVERY.as_millis() as u64 {
+            return Ok(());
+        }
+        self.node_record_ms.store(now, Ordering::Relaxed);
         let js = self.js.clone();
         let subject = format!("$KV.{NODES}.{}", node.id);
         tokio::spawn(async move {
