@@ -14,12 +14,16 @@
 AARCH64=aarch64-unknown-linux-gnu
 ARMV7=armv7-unknown-linux-gnueabihf
 CROSS_TARGET_DIR=${PULSEBELL_CROSS_TARGET_DIR:-$PWD/target/cross}
-# armv7 builds have a target dir of their own, inside the cross one: they need
-# RUSTC_BOOTSTRAP=1 (below), and build scripts that watch it (proc-macro2,
-# anyhow, thiserror: rerun-if-env-changed=RUSTC_BOOTSTRAP) would otherwise
-# rebuild every shared host crate, and everything after them, each time
-# aarch64 and armv7 builds take turns.
-ARMV7_TARGET_DIR=$CROSS_TARGET_DIR/build-std
+# Builds with std from source (-Zbuild-std: every armv7 build, and the
+# agent-release builds of both targets, whose std then gets the profile's
+# opt-level "z" and LTO together with the agent: aarch64 2.04 MB instead of
+# 2.10 MB with the prebuilt std) have a target dir of their own, inside the
+# cross one: they need RUSTC_BOOTSTRAP=1 (below), and build scripts that watch
+# it (proc-macro2, anyhow, thiserror: rerun-if-env-changed=RUSTC_BOOTSTRAP)
+# would otherwise rebuild every shared host crate, and everything after them,
+# each time the two kinds of build take turns.
+BUILD_STD_TARGET_DIR=$CROSS_TARGET_DIR/build-std
+ARMV7_TARGET_DIR=$BUILD_STD_TARGET_DIR
 # armv7: std is built from source with each profile (test and agent-release).
 BUILD_STD=std,panic_abort
 # In the test profile std would be built at opt-level 0 with debug assertions,
@@ -57,22 +61,39 @@ dcargo() {
 }
 
 # cargo SUBCOMMAND for one cross target: xcargo TARGET SUBCOMMAND ARGS...
-# armv7 adds -Zbuild-std (RUSTC_BOOTSTRAP=1 lets the stable rustc/cargo accept
-# it; only for armv7, so the aarch64 builds' fingerprints stay as they are).
+# armv7 adds -Zbuild-std (xcargo_std); aarch64 links Debian's prebuilt std.
 xcargo() {
-    local target=$1 sub=$2
-    shift 2
+    local target=$1
     case $target in
-        "$ARMV7") RUSTC_BOOTSTRAP=1 DCARGO_TARGET_DIR=$ARMV7_TARGET_DIR \
-            dcargo "$sub" -Zbuild-std="$BUILD_STD" "${ARMV7_STD_PROFILE[@]}" --target "$target" "$@" ;;
-        *) dcargo "$sub" --target "$target" "$@" ;;
+        "$ARMV7") xcargo_std "$@" ;;
+        *) local sub=$2; shift 2; dcargo "$sub" --target "$target" "$@" ;;
     esac
 }
 
-# Cargo target dir of a cross target's builds: target_dir TARGET
+# cargo SUBCOMMAND with std built from Debian's std sources:
+# xcargo_std TARGET SUBCOMMAND ARGS... (RUSTC_BOOTSTRAP=1 lets the stable
+# rustc/cargo accept -Z; only these builds get it, in their own target dir,
+# so the other builds' fingerprints stay as they are).
+xcargo_std() {
+    local target=$1 sub=$2
+    shift 2
+    RUSTC_BOOTSTRAP=1 DCARGO_TARGET_DIR=$BUILD_STD_TARGET_DIR \
+        dcargo "$sub" -Zbuild-std="$BUILD_STD" "${ARMV7_STD_PROFILE[@]}" --target "$target" "$@"
+}
+
+# The release agent for a board: agent_release TARGET [cargo args...]; its
+# binary is at $BUILD_STD_TARGET_DIR/TARGET/agent-release/pulsebell-agent.
+agent_release() {
+    local target=$1
+    shift
+    xcargo_std "$target" build --locked --profile agent-release -p pulsebell-agent "$@"
+}
+
+# Cargo target dir of a cross target's builds other than agent_release:
+# target_dir TARGET
 target_dir() {
     case $1 in
-        "$ARMV7") echo "$ARMV7_TARGET_DIR" ;;
+        "$ARMV7") echo "$BUILD_STD_TARGET_DIR" ;;
         *) echo "$CROSS_TARGET_DIR" ;;
     esac
 }
