@@ -85,6 +85,31 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Cluster mode (NATS JetStream instead of sled).
     pub cluster: ClusterConfig,
+    /// `/metrics`.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Which per-device series `/metrics` carries.
+    pub per_device: PerDevice,
+}
+
+/// `[metrics] per_device`: how many series a device adds to `/metrics`
+/// (about 20 with `all`: a large fleet can bound what Prometheus stores).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PerDevice {
+    /// Every device series: up, last seen, CPU, load, memory, disk,
+    /// temperature, throttling.
+    #[default]
+    All,
+    /// Only `pulsebell_device_up` (one series per device).
+    Up,
+    /// No per-device series; the fleet totals only.
+    None,
 }
 
 /// `[cluster]`: run as one of several collectors sharing one fleet on NATS
@@ -244,6 +269,7 @@ impl Default for Config {
             devices: BTreeMap::new(),
             alerts: AlertsConfig::default(),
             cluster: ClusterConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -379,6 +405,16 @@ mod tests {
         assert_eq!(e.key, "tls.key_file");
         let e = Config::parse("[devices.pi]\noffline_after = \"1ms\"\n").unwrap_err();
         assert_eq!(e.key, "devices.pi.offline_after");
+        let e = Config::parse("[metrics]\nper_device = \"some\"\n").unwrap_err();
+        assert_eq!(e.key, "metrics.per_device");
+        assert!(e.message.contains("`all`, `up`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn metrics_per_device_defaults_to_all() {
+        assert_eq!(Config::parse("").unwrap().metrics.per_device, PerDevice::All);
+        assert_eq!(Config::parse(DEFAULT_CONFIG).unwrap().metrics.per_device, PerDevice::All);
+        assert_eq!(Config::parse("[metrics]\nper_device = \"up\"\n").unwrap().metrics.per_device, PerDevice::Up);
     }
 
     #[test]

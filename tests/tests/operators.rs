@@ -316,6 +316,52 @@ fn put(root: &Path, rel: &str, contents: &str) {
 // ---------------------------------------------------------------------------
 // 1. /metrics
 
+/// `[metrics] per_device` bounds the series a device adds: `all` has
+/// health series, `up` only `pulsebell_device_up`, `none` no series
+/// labelled with a device; `pulsebell_devices{state}` counts the fleet in
+/// every mode.
+#[test]
+fn metrics_per_device_setting_bounds_device_series() {
+    for mode in ["all", "up", "none"] {
+        let tmp = tempdir();
+        let collector = Collector::start_with_config(tmp.path(), &format!("[metrics]\nper_device = \"{mode}\"\n"));
+        let (on, off) = (format!("pd-{mode}-on"), format!("pd-{mode}-off"));
+        let token = collector.enroll(&on);
+        collector.enroll(&off); // enrolled, never connected
+        let _agent = Agent::start(&collector, &on, &token, opts());
+        collector.wait_for_online_with_health(&on);
+        let m = wait_until("`pulsebell_devices` to count the fleet", STATE_TIMEOUT, || {
+            let m = scrape(&collector);
+            match (
+                m.try_value("pulsebell_devices", &[("state", "online")])?,
+                m.try_value("pulsebell_devices", &[("state", "offline")])?,
+            ) {
+                (1.0, 1.0) => Ok(m),
+                other => Err(format!("online/offline = {other:?}")),
+            }
+        });
+        let with_device: Vec<&str> =
+            m.samples.iter().filter(|s| s.labels.contains_key("device")).map(|s| s.name.as_str()).collect();
+        let on_l: &[(&str, &str)] = &[("device", &on)];
+        match mode {
+            "all" => {
+                assert_eq!(m.value("pulsebell_device_up", on_l), 1.0);
+                assert_eq!(m.value("pulsebell_device_up", &[("device", &off)]), 0.0);
+                assert!(m.value("pulsebell_device_memory_total_bytes", on_l) > 0.0, "health series with `all`");
+            }
+            "up" => {
+                assert_eq!(m.value("pulsebell_device_up", on_l), 1.0);
+                assert_eq!(m.value("pulsebell_device_up", &[("device", &off)]), 0.0);
+                assert!(
+                    with_device.iter().all(|n| *n == "pulsebell_device_up"),
+                    "only pulsebell_device_up with `up`, found {with_device:?}"
+                );
+            }
+            _ => assert!(with_device.is_empty(), "no device series with `none`, found {with_device:?}"),
+        }
+    }
+}
+
 #[test]
 fn metrics_for_prometheus() {
     let tmp = tempdir();

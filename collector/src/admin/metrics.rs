@@ -4,6 +4,8 @@
 //! Device metrics are built from the fleet's current view at each scrape
 //! rather than kept as live families: the fleet map is the source of truth,
 //! and a revoked device disappears from the next scrape by itself.
+//! `[metrics] per_device` bounds them (`all`, `up`, `none`); the fleet
+//! totals (`pulsebell_devices{state}`) are always there.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::AdminState;
+use crate::config::PerDevice;
 use crate::store::BellStatus;
 
 type Labels = Vec<(String, String)>;
@@ -51,7 +54,18 @@ pub async fn render(state: &AdminState) -> String {
         None,
     );
 
-    for d in state.fleet.views() {
+    // Fleet totals, whatever `[metrics] per_device` says.
+    let (devices, online) = state.fleet.counts();
+    let totals = Family::<Labels, Gauge<i64>>::default();
+    totals.get_or_create(&vec![("state".into(), "online".into())]).set(online as i64);
+    totals.get_or_create(&vec![("state".into(), "offline".into())]).set(devices.saturating_sub(online) as i64);
+    r.register("devices", "Enrolled devices by state", totals);
+
+    let per_device = state.fleet.config().metrics.per_device;
+    // `none` builds no device view at all (a view per device costs CPU at
+    // fleet scale).
+    let views = if per_device == PerDevice::None { Vec::new() } else { state.fleet.views() };
+    for d in views {
         let base: Labels = vec![("device".into(), d.id.clone()), ("tags".into(), d.tags.join(","))];
         let with = |k: &str, v: &str| {
             let mut l = base.clone();
@@ -59,6 +73,9 @@ pub async fn render(state: &AdminState) -> String {
             l
         };
         up.get_or_create(&base).set(if d.state == "online" { 1.0 } else { 0.0 });
+        if per_device == PerDevice::Up {
+            continue;
+        }
         if let Some(ts) = d.last_seen.as_deref().and_then(|s| humantime::parse_rfc3339(s).ok()) {
             let secs = ts.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
             last_seen.get_or_create(&base).set(secs);
