@@ -286,7 +286,7 @@ impl Bells {
         if b.state == BellStatus::Queued {
             self.deliver(b.id).await;
         } else if b.cancel_requested {
-            let _ = tx.try_send(Outbound::Msg(ServerMsg::Cancel(b.id)));
+            let _ = tx.try_send(Outbound::Msg(Box::new(ServerMsg::Cancel(b.id))));
         }
     }
 
@@ -425,12 +425,12 @@ impl Bells {
             params: b.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             timeout_ms: b.timeout_ms,
         });
-        if tx.try_send(Outbound::Msg(msg)).is_err() {
+        if tx.try_send(Outbound::Msg(Box::new(msg))).is_err() {
             warn!(bell = id, device = %b.device, "device queue full; bell stays queued until it reconnects");
             return;
         }
         if b.cancel_requested {
-            let _ = tx.try_send(Outbound::Msg(ServerMsg::Cancel(id)));
+            let _ = tx.try_send(Outbound::Msg(Box::new(ServerMsg::Cancel(id))));
         }
         if b.state != BellStatus::Queued {
             return; // a re-delivery: state unchanged

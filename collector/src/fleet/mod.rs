@@ -40,11 +40,12 @@ pub use view::{DeviceView, LinkView};
 /// Something for one device's connection task to do.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Send this message.
-    Msg(ServerMsg),
+    /// Send this message (boxed: a channel allocates its slots up front,
+    /// 32 at a time, so every connection pays for the largest variant).
+    Msg(Box<ServerMsg>),
     /// Close with this code and reason; the device goes offline for the
     /// typed reason.
-    Close(u16, String, Reason),
+    Close(u16, Box<str>, Reason),
 }
 
 /// The live connection of a device on this node.
@@ -657,7 +658,7 @@ impl Fleet {
                 minutes.push((id.clone(), acc.bucket()));
             }
             let Some(conn) = d.conn.take() else { continue };
-            let _ = conn.tx.try_send(Outbound::Close(code, text.to_string(), reason));
+            let _ = conn.tx.try_send(Outbound::Close(code, text.into(), reason));
             d.owner = None;
             let e = liveness::ended(id, &mut d.record, conn.generation, reason, now);
             fx.events.extend(e.events);

@@ -161,19 +161,53 @@ fn failure(gw: &Gateway, peer: SocketAddr, reason: &'static str, detail: impl st
     info!(%peer, reason, "handshake failed: {detail}");
 }
 
+/// A device's upgraded connection.
+type DeviceWs = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// What a finished handshake leads to.
+enum Upgraded {
+    /// A device's session.
+    Device(DeviceWs, String),
+    /// A provisioning request: key and wanted device id.
+    Provision(DeviceWs, String, String),
+}
+
 async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
-    let _ = tcp.set_nodelay(true);
     let deadline = tokio::time::Instant::now() + gw.limits.handshake_timeout;
+    // Boxed: the TLS-accept and upgrade state (~9 KB) is on the heap only
+    // while the handshake runs, instead of inline in the connection's task
+    // for its whole life (measured: 9,216 → 6,536 B per connection task).
+    match Box::pin(handshake(gw, tcp, peer, deadline)).await {
+        Some(Upgraded::Device(ws, device)) => {
+            debug!(%peer, device, "upgraded");
+            session::run(gw, ws, device, peer, deadline, shutdown).await;
+        }
+        Some(Upgraded::Provision(ws, key, wanted)) => provision_device(gw, ws, peer, &key, &wanted).await,
+        None => {}
+    }
+}
+
+/// TLS, then the WebSocket upgrade with the token check; `None` after a
+/// failure (logged and counted).
+async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tokio::time::Instant) -> Option<Upgraded> {
+    let _ = tcp.set_nodelay(true);
     // TLS under a concurrency limit: the expensive part of a reconnect storm.
     let tls = {
         let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, gw.handshakes.acquire()).await.map(|p| p.map(|_| ()))
         else {
-            return failure(gw, peer, "timeout", "waited too long for a handshake slot");
+            failure(gw, peer, "timeout", "waited too long for a handshake slot");
+            return None;
         };
         match tokio::time::timeout_at(deadline, gw.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return failure(gw, peer, "tls", e),
-            Err(_) => return failure(gw, peer, "timeout", "TLS handshake timed out"),
+            Ok(Err(e)) => {
+                failure(gw, peer, "tls", e);
+                return None;
+            }
+            Err(_) => {
+                failure(gw, peer, "timeout", "TLS handshake timed out");
+                return None;
+            }
         }
     };
     let mut device: Option<String> = None;
@@ -242,16 +276,18 @@ async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch:
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             let reason = refusal.unwrap_or("upgrade");
-            return failure(gw, peer, reason, e);
+            failure(gw, peer, reason, e);
+            return None;
         }
-        Err(_) => return failure(gw, peer, "timeout", "WebSocket upgrade timed out"),
+        Err(_) => {
+            failure(gw, peer, "timeout", "WebSocket upgrade timed out");
+            return None;
+        }
     };
     if let Some((key, wanted)) = provision {
-        return provision_device(gw, ws, peer, &key, &wanted).await;
+        return Some(Upgraded::Provision(ws, key, wanted));
     }
-    let Some(device) = device else { return };
-    debug!(%peer, device, "upgraded");
-    session::run(gw, ws, device, peer, deadline, shutdown).await;
+    device.map(|d| Upgraded::Device(ws, d))
 }
 
 /// A provisioning request after the upgrade: the token in one binary

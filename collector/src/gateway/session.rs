@@ -268,7 +268,7 @@ pub async fn run(
                     }
                     last_sent = Instant::now();
                 }
-                Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text),
+                Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text.into_string()),
                 None => break End::gone(),
             },
             _ = shutdown.changed() => break End::closing(Reason::CollectorShutdown, close::GOING_AWAY, "collector shutting down"),
