@@ -161,34 +161,48 @@ pub struct Bells {
     finished: std::sync::Mutex<HashMap<BellStatus, u64>>,
 }
 
-/// Bells not yet final, and the ids of recently finished ones (so that a
-/// late, older copy from a watch cannot bring a finished bell back).
+/// Bells not yet final, the ids of recently finished ones (so that a
+/// late, older copy from a watch cannot bring a finished bell back), and
+/// the final records of the most recent of them: a waiter reads those from
+/// memory, never from the store, where a follower may still serve the
+/// previous version (a `--wait` once waited out its timeout that way).
 #[derive(Default)]
 struct Cache {
     pending: HashMap<u64, BellRecord>,
     finished: std::collections::HashSet<u64>,
     finished_order: std::collections::VecDeque<u64>,
+    recent_final: HashMap<u64, BellRecord>,
 }
 
 /// Finished bell ids remembered per node.
 const FINISHED_REMEMBERED: usize = 65_536;
+/// Final records kept in memory (the newest finished bells).
+const FINAL_RECORDS_KEPT: usize = 4_096;
 
 impl Cache {
     fn get(&self, id: &u64) -> Option<&BellRecord> {
-        self.pending.get(id)
+        self.pending.get(id).or_else(|| self.recent_final.get(id))
     }
 
     fn values(&self) -> impl Iterator<Item = &BellRecord> {
         self.pending.values()
     }
 
-    fn finish(&mut self, id: u64) {
+    fn finish(&mut self, b: &BellRecord) {
+        let id = b.id;
         self.pending.remove(&id);
         if self.finished.insert(id) {
             self.finished_order.push_back(id);
             if self.finished_order.len() > FINISHED_REMEMBERED {
                 if let Some(old) = self.finished_order.pop_front() {
                     self.finished.remove(&old);
+                }
+            }
+            self.recent_final.insert(id, b.clone());
+            let n = self.finished_order.len();
+            if n > FINAL_RECORDS_KEPT {
+                if let Some(old) = self.finished_order.get(n - FINAL_RECORDS_KEPT - 1) {
+                    self.recent_final.remove(old);
                 }
             }
         }
@@ -252,7 +266,7 @@ impl Bells {
             if known.is_some_and(|v| v >= b.version) || cache.finished.contains(&b.id) {
                 (false, false)
             } else if b.state.is_final() {
-                cache.finish(b.id);
+                cache.finish(&b);
                 (true, false)
             } else {
                 let arm = known.is_none() && b.state == BellStatus::Queued;
@@ -576,9 +590,14 @@ impl Bells {
             if b.state.is_final() {
                 return Ok(b);
             }
+            // Woken by this bell's change, or every second to look again
+            // (a change that lands between the look and the subscription's
+            // next receive is never missed for longer than that).
             loop {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Err(_) => return Ok(b),
+                let tick = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+                match tokio::time::timeout_at(tick, rx.recv()).await {
+                    Err(_) if tick >= deadline => return Ok(b),
+                    Err(_) => break,
                     Ok(Ok(changed)) if changed == id => break,
                     Ok(Ok(_)) => {}
                     Ok(Err(broadcast::error::RecvError::Lagged(_))) => break,

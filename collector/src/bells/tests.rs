@@ -153,3 +153,30 @@ async fn a_bell_from_another_node_reaches_the_local_device_and_stale_copies_are_
     assert!(rx.try_recv().is_err());
     assert_eq!(bells.get(id).await.unwrap().unwrap().state, BellStatus::Sent);
 }
+
+/// Another node finished the bell: the watch brings the final record, but
+/// this node's store read may still be served by a follower with the
+/// previous version (simulated: the store is never told). A waiter gets the
+/// final record from memory, not the stale one after its timeout.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_sees_a_bell_finished_elsewhere_even_if_the_store_read_is_stale() {
+    let (bells, fleet) = setup().await;
+    let _rx = connect(&fleet);
+    let b = bells.ring(ring_req(None)).await.unwrap().remove(0);
+    assert_eq!(b.state, BellStatus::Sent);
+    let waiter = {
+        let bells = bells.clone();
+        tokio::spawn(async move { bells.wait(b.id, Duration::from_secs(60)).await })
+    };
+    tokio::task::yield_now().await;
+    let mut done = b.clone();
+    transition(&mut done, BellStatus::Succeeded, None);
+    done.version += 1;
+    bells.apply(done.clone()).await;
+    let started = tokio::time::Instant::now();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got.state, BellStatus::Succeeded, "the final record, not the store's stale copy");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once, not at the timeout");
+    // And a later `bell-show` on this node says the same.
+    assert_eq!(bells.get(b.id).await.unwrap().unwrap().state, BellStatus::Succeeded);
+}

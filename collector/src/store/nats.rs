@@ -93,7 +93,14 @@ const PIPELINE: usize = 512;
 /// during an election), not a final answer (placement, permissions).
 fn is_transient(e: &str) -> bool {
     let e = e.to_ascii_lowercase();
-    e.contains("timed out") || e.contains("no responders") || e.contains("timeout") || e.contains("not available")
+    e.contains("timed out")
+        || e.contains("no responders")
+        || e.contains("timeout")
+        || e.contains("not available")
+        // A server of a cluster that just started may not have reported in
+        // yet (seen under load); too few servers in all is a different
+        // answer and stays final.
+        || e.contains("peer offline")
 }
 
 /// Device id → key (`.` → `=`).
