@@ -219,39 +219,23 @@ impl NatsStore {
             if cfg.replicas.is_some() { "cluster.replicas" } else { "cluster.replicas (default: min(3, servers))" };
         let bucket = |name: &'static str, max_age: Duration| {
             let js = js.clone();
-            async move {
-                // A cluster that just started (or is electing a leader) may
-                // time out: retry those; a placement error is final.
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
+            create_retrying("bucket", name, replicas, setting, move || {
+                let js = js.clone();
+                async move {
                     if let Ok(kv) = js.get_key_value(name).await {
                         return Ok(kv);
                     }
-                    let created = js
-                        .create_key_value(kv::Config {
-                            bucket: name.to_string(),
-                            history: 1,
-                            max_age,
-                            num_replicas: replicas,
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await;
-                    match created {
-                        Ok(kv) => return Ok(kv),
-                        Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
-                            warn!(bucket = name, attempt, error = %e, "creating a JetStream bucket; retrying");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                        }
-                        Err(e) => {
-                            return Err(anyhow::anyhow!(
-                                "cannot create JetStream bucket `{name}` with {replicas} replicas ({setting}): {e}"
-                            ))
-                        }
-                    }
+                    js.create_key_value(kv::Config {
+                        bucket: name.to_string(),
+                        history: 1,
+                        max_age,
+                        num_replicas: replicas,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
                 }
-            }
+            })
         };
         let buckets = Buckets {
             enrolments: bucket(ENROLMENTS, Duration::ZERO).await?,
@@ -265,35 +249,21 @@ impl NatsStore {
         };
         let stream = |name: &'static str, prefix: &'static str, max_age: Duration, duplicate_window: Duration| {
             let js = js.clone();
-            async move {
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let created = js
-                        .get_or_create_stream(stream::Config {
-                            name: name.to_string(),
-                            subjects: vec![format!("{prefix}.>")],
-                            max_age,
-                            num_replicas: replicas,
-                            duplicate_window,
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await;
-                    match created {
-                        Ok(s) => return Ok(s),
-                        Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
-                            warn!(stream = name, attempt, error = %e, "creating a JetStream stream; retrying");
-                            tokio::time::sleep(Duration::from_secs(2)).await;
-                        }
-                        Err(e) => {
-                            return Err(anyhow::anyhow!(
-                                "cannot create JetStream stream `{name}` with {replicas} replicas ({setting}): {e}"
-                            ))
-                        }
-                    }
+            create_retrying("stream", name, replicas, setting, move || {
+                let js = js.clone();
+                async move {
+                    js.get_or_create_stream(stream::Config {
+                        name: name.to_string(),
+                        subjects: vec![format!("{prefix}.>")],
+                        max_age,
+                        num_replicas: replicas,
+                        duplicate_window,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
                 }
-            }
+            })
         };
         let events = stream(EVENTS, EVENTS_PREFIX, EVENT_RETENTION, Duration::from_secs(120)).await?;
         // The duplicate window must not exceed max_age.
@@ -380,6 +350,40 @@ impl NatsStore {
     async fn counter(&self, name: &str) -> Result<u64> {
         let v: Option<u64> = self.cas(&self.buckets.meta, name, |n: Option<u64>| Some(n.unwrap_or(0) + 1)).await?;
         v.ok_or_else(|| StoreError::Unavailable(format!("counter {name} not written")))
+    }
+}
+
+/// Opens or creates one bucket or stream (`what` says which), retrying
+/// what a just-started cluster answers for a while (a timeout, a leader
+/// election, a peer not reported in yet); a placement error is final and
+/// names the replicas setting.
+async fn create_retrying<T, E, F, Fut>(
+    what: &str,
+    name: &str,
+    replicas: usize,
+    setting: &str,
+    create: F,
+) -> anyhow::Result<T>
+where
+    E: std::fmt::Display,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match create().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 8 && is_transient(&e.to_string()) => {
+                warn!(what, name, attempt, error = %e, "creating a JetStream {what}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot create JetStream {what} `{name}` with {replicas} replicas ({setting}): {e}"
+                ))
+            }
+        }
     }
 }
 
