@@ -1098,7 +1098,165 @@ fn alerts_retry_with_backoff_and_survive_a_restart() {
 }
 
 // ---------------------------------------------------------------------------
-// 4. The dashboard in a real browser
+// 4. The dashboard's live stream and pages
+
+/// A Server-Sent Events stream from the admin API, read as it arrives.
+struct Sse {
+    reader: BufReader<TcpStream>,
+    /// Decoded body not yet split into events.
+    pending: String,
+}
+
+/// One event: its name and its JSON data.
+#[derive(Debug)]
+struct SseEvent {
+    name: String,
+    data: Value,
+}
+
+impl Sse {
+    fn open(collector: &Collector, query: &str) -> Sse {
+        let url = format!("{}/v1/stream?{query}", collector.admin_url());
+        let host = url.trim_start_matches("http://").split('/').next().expect("host").to_string();
+        let mut stream = TcpStream::connect(&host).unwrap_or_else(|e| panic!("connect to {host}: {e}"));
+        stream.set_read_timeout(Some(HTTP_TIMEOUT)).expect("set read timeout");
+        let path = &url[url.find(&host).expect("host in url") + host.len()..];
+        let token = admin_token(collector);
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n").expect("send");
+        let mut reader = BufReader::new(stream);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("read the response head");
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+        assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+        Sse { reader, pending: String::new() }
+    }
+
+    /// The next event (keep-alive comments skipped).
+    fn next(&mut self) -> SseEvent {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if name.is_empty() {
+                    continue; // a comment
+                }
+                let data = serde_json::from_str(&data).unwrap_or_else(|e| panic!("event `{name}` data ({e}): {data}"));
+                return SseEvent { name, data };
+            }
+            // One chunk of the chunked body.
+            let mut size = String::new();
+            self.reader.read_line(&mut size).expect("read a chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+            assert!(size > 0, "the stream ended");
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).expect("read a chunk");
+            self.pending.push_str(std::str::from_utf8(&chunk[..size]).expect("UTF-8 event"));
+        }
+    }
+}
+
+/// `GET /v1/fleet?query` as JSON.
+fn fleet_page(collector: &Collector, query: &str) -> Value {
+    let auth = format!("Bearer {}", admin_token(collector));
+    let resp = http("GET", &format!("{}/v1/fleet?{query}", collector.admin_url()), &[("Authorization", &auth)], None);
+    assert_eq!(resp.status, 200, "GET /v1/fleet?{query}: {}", resp.text());
+    resp.json()
+}
+
+fn row_ids(rows: &Value) -> Vec<String> {
+    rows.as_array().expect("rows").iter().map(|r| r["id"].as_str().expect("row id").to_string()).collect()
+}
+
+#[test]
+fn dashboard_stream_sends_the_page_then_only_changes() {
+    let tmp = tempdir();
+    let collector = Collector::start(tmp.path());
+    let (a, b, quiet) = ("dash-a", "dash-b", "dash-quiet");
+    let _agent_a = Agent::start(&collector, a, &collector.enroll(a), opts().tags(&["lab"]));
+    let mut agent_b = Agent::start(&collector, b, &collector.enroll(b), opts());
+    collector.enroll(quiet); // never connects: its row never changes
+    collector.wait_for_online_with_health(a);
+    collector.wait_for_online_with_health(b);
+
+    // Pages are cut on the server: search, tag, state, offset and limit.
+    let p = fleet_page(&collector, "limit=2");
+    assert_eq!(row_ids(&p["rows"]), [a, b], "{p}");
+    assert_eq!((p["matched"].as_u64(), p["limit"].as_u64()), (Some(3), Some(2)), "{p}");
+    assert_eq!(row_ids(&fleet_page(&collector, "limit=2&offset=2")["rows"]), [quiet]);
+    assert_eq!(row_ids(&fleet_page(&collector, "q=QUIET")["rows"]), [quiet], "search ignores case");
+    assert_eq!(row_ids(&fleet_page(&collector, "tag=lab")["rows"]), [a]);
+    assert_eq!(row_ids(&fleet_page(&collector, "state=never_seen")["rows"]), [quiet]);
+    assert_eq!(p["tags"], serde_json::json!(["lab"]), "{p}");
+
+    let mut sse = Sse::open(&collector, "limit=3");
+    let first = sse.next();
+    assert_eq!(first.name, "page", "the first event is the whole page: {first:?}");
+    assert_eq!(row_ids(&first.data["rows"]), [a, b, quiet]);
+    let counts = &first.data["counts"];
+    assert_eq!(
+        (counts["devices"].as_u64(), counts["online"].as_u64(), counts["never_seen"].as_u64()),
+        (Some(3), Some(2), Some(1)),
+        "{first:?}"
+    );
+    let mut shown: HashMap<String, Value> = first.data["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r.clone()))
+        .collect();
+
+    // After it: `changes` with only the rows that differ (the two pulsing
+    // devices' last pulse), never the quiet one, never the whole page.
+    let mut changed = HashMap::<String, u32>::new();
+    for _ in 0..4 {
+        let ev = sse.next();
+        assert_eq!(ev.name, "changes", "after the first page only changes: {ev:?}");
+        assert!(ev.data.get("tags").is_none(), "a change carries no page: {ev:?}");
+        for row in ev.data["rows"].as_array().expect("rows") {
+            let id = row["id"].as_str().expect("id").to_string();
+            assert_ne!(id, quiet, "an unchanged row was sent again: {ev:?}");
+            assert_ne!(shown.get(&id), Some(row), "row {id} sent although it did not change: {ev:?}");
+            *changed.entry(id.clone()).or_default() += 1;
+            shown.insert(id, row.clone());
+        }
+    }
+    assert!(changed.contains_key(a) && changed.contains_key(b), "both pulsing rows changed: {changed:?}");
+
+    // A device going offline is a change of its row and of the counts.
+    agent_b.stop();
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    loop {
+        assert!(Instant::now() < deadline, "no change said {b} went offline");
+        let ev = sse.next();
+        assert_eq!(ev.name, "changes", "{ev:?}");
+        let rows = ev.data["rows"].as_array().expect("rows");
+        if rows.iter().any(|r| r["id"] == b && r["state"] == "offline") {
+            // Rows and counts come from one snapshot: the change that shows
+            // the row offline carries the counts that moved with it.
+            let c = &ev.data["counts"];
+            assert_eq!((c["online"].as_u64(), c["offline"].as_u64()), (Some(1), Some(1)), "{ev:?}");
+            break;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 5. The dashboard in a real browser
 
 /// The browser script's directory.
 fn browser_dir() -> PathBuf {

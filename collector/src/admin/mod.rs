@@ -25,7 +25,8 @@
 //! | GET | `/v1/cluster` | the cluster's nodes (cluster mode; 404 otherwise) |
 //! | GET | `/metrics` | Prometheus text format ([`metrics`]) |
 //! | GET | `/`, `/login` | the dashboard ([`dashboard`]; cookie login) |
-//! | GET | `/v1/stream` | the fleet as Server-Sent Events |
+//! | GET | `/v1/fleet?q=&tag=&state=&device=&offset=&limit=` | one page of the fleet table |
+//! | GET | `/v1/stream?q=&tag=&state=&device=&offset=&limit=` | that page live, as Server-Sent Events: the page, then only changes |
 
 mod api;
 pub mod dashboard;
@@ -126,6 +127,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/provision", get(api::list_provision_keys).post(api::create_provision_key))
         .route("/v1/provision/{id}", axum::routing::delete(api::revoke_provision_key))
         .route("/metrics", get(metrics::handler))
+        .route("/v1/fleet", get(dashboard::fleet_page))
         .route("/v1/stream", get(dashboard::stream))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

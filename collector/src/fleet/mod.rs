@@ -7,6 +7,7 @@
 //!   change records (pure).
 //! - [`link`]: link-quality counters.
 //! - [`view`]: the JSON view of a device.
+//! - [`page`]: a page of the fleet table (the dashboard).
 //! - [`writeback`]: the batch written to the store every `write_back`.
 //!
 //! One `std::sync::Mutex` guards the map. Critical sections are short: no
@@ -15,6 +16,7 @@
 //! which is why a std mutex and not a tokio one.
 
 pub mod link;
+pub mod page;
 pub mod view;
 pub mod writeback;
 
@@ -104,6 +106,9 @@ struct State {
     history: Vec<(String, Bucket)>,
     /// Alerts not yet in the outbox.
     alerts: Vec<Raised>,
+    /// Device ids sorted, for dashboard pages: built by the first page
+    /// asked for, dropped when a device is enrolled or removed.
+    sorted: Option<Vec<String>>,
 }
 
 impl State {
@@ -609,6 +614,19 @@ impl Fleet {
         views
     }
 
+    /// One page of the fleet table (the dashboard), with fleet-wide counts.
+    pub fn page(&self, query: &page::PageQuery) -> page::Page {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let State { devices, sorted, .. } = &mut *guard;
+        let ids = sorted.get_or_insert_with(|| {
+            let mut ids: Vec<String> = devices.keys().cloned().collect();
+            ids.sort_unstable();
+            ids
+        });
+        page::build(ids, |id| devices.get(id), query, now)
+    }
+
     /// View of one device.
     pub fn view(&self, id: &str) -> Option<DeviceView> {
         let state = self.lock();
@@ -700,12 +718,14 @@ fn apply_enrolment(state: &mut State, e: Enrolment) {
         }
         None => {
             state.devices.insert(id, Device::new(e, DeviceRecord::default()));
+            state.sorted = None;
         }
     }
 }
 
 fn apply_removal(state: &mut State, id: &str) -> bool {
     let Some(mut d) = state.devices.remove(id) else { return false };
+    state.sorted = None;
     state.keys.remove(&d.enrolment.key_id);
     if let Some(conn) = &d.conn {
         let _ = conn.tx.try_send(Outbound::Close(close::REVOKED, "device revoked".into(), Reason::Revoked));

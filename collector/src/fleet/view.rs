@@ -83,13 +83,7 @@ pub fn build(
 ) -> DeviceView {
     let h = r.hello.as_ref();
     let online = r.online && node.is_some();
-    let state = if r.last_seen_ms.is_none() {
-        "never_seen"
-    } else if online {
-        "online"
-    } else {
-        "offline"
-    };
+    let state = state_of(r, node);
     let reconnects_24h = link::reconnects_24h(&r.link, now);
     DeviceView {
         id: id.to_string(),
@@ -102,16 +96,7 @@ pub fn build(
         kernel: h.map(|h| h.kernel.clone()),
         board_model: h.and_then(|h| h.board_model.clone()),
         boot_id: h.map(|h| h.boot_id.clone()),
-        tags: {
-            // The agent's own tags, then those its enrolment gave it.
-            let mut tags = h.map(|h| h.tags.clone()).unwrap_or_default();
-            for t in &enrolment.tags {
-                if !tags.contains(t) {
-                    tags.push(t.clone());
-                }
-            }
-            tags
-        },
+        tags: tags_of(enrolment, r),
         actions: h.map(|h| h.actions.clone()).unwrap_or_default(),
         interval_ms: h.map(|h| h.interval_ms),
         offline_after_ms,
@@ -129,4 +114,26 @@ pub fn build(
             flaky: link::flaky(&r.link, reconnects_24h),
         },
     }
+}
+
+/// `online`, `offline` or `never_seen`. `node`: who holds the connection.
+pub fn state_of(r: &DeviceRecord, node: Option<&str>) -> &'static str {
+    if r.last_seen_ms.is_none() {
+        "never_seen"
+    } else if r.online && node.is_some() {
+        "online"
+    } else {
+        "offline"
+    }
+}
+
+/// The agent's own tags, then those its enrolment gave it.
+pub fn tags_of(enrolment: &Enrolment, r: &DeviceRecord) -> Vec<String> {
+    let mut tags = r.hello.as_ref().map(|h| h.tags.clone()).unwrap_or_default();
+    for t in &enrolment.tags {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    tags
 }

@@ -1,0 +1,193 @@
+//! One page of the fleet table for the dashboard: rows filtered by search,
+//! tag and state, sorted by id and cut to a window, with fleet-wide counts.
+//!
+//! A page is built from the live map under the fleet lock without building
+//! a full [`super::DeviceView`] per device: only the rows on the page are
+//! materialised, so a page of 100 rows costs the same with 100 or 19,000
+//! devices apart from one pass of cheap checks. The live stream
+//! ([`crate::admin::dashboard`]) sends a page once and then only the rows
+//! that changed.
+
+use std::collections::BTreeSet;
+
+use pulsebell_proto::view::ThrottledView;
+use serde::{Deserialize, Serialize};
+
+use super::{link, view, Device};
+
+/// Rows on a page when the query does not say.
+pub const DEFAULT_LIMIT: usize = 100;
+/// The most rows one page may hold.
+pub const MAX_LIMIT: usize = 1000;
+
+/// What a dashboard page shows (the query string of `/v1/stream` and
+/// `/v1/fleet`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct PageQuery {
+    /// Case-insensitive part of the device id.
+    pub q: String,
+    /// Only devices with this tag.
+    pub tag: String,
+    /// Only devices in this state (`online`, `offline`, `never_seen`).
+    pub state: String,
+    /// Only this device (exact id): the device page follows its state.
+    pub device: String,
+    /// Rows to skip.
+    pub offset: usize,
+    /// Rows on the page (default [`DEFAULT_LIMIT`], at most [`MAX_LIMIT`]).
+    pub limit: usize,
+}
+
+impl PageQuery {
+    /// The page size this query gets.
+    pub fn limit(&self) -> usize {
+        match self.limit {
+            0 => DEFAULT_LIMIT,
+            n => n.min(MAX_LIMIT),
+        }
+    }
+}
+
+/// Devices by state, over the whole fleet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Enrolled devices.
+    pub devices: usize,
+    /// Online.
+    pub online: usize,
+    /// Offline.
+    pub offline: usize,
+    /// Enrolled, never connected.
+    pub never_seen: usize,
+}
+
+/// One row of the fleet table: what the table shows, rounded as shown, so
+/// that a row "changes" only when its cells would.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// Device id.
+    pub id: String,
+    /// `online`, `offline` or `never_seen`.
+    pub state: &'static str,
+    /// Last pulse, Unix ms (the browser shows "12s ago").
+    pub last_seen_ms: Option<u64>,
+    /// CPU busy, whole percent.
+    pub cpu: Option<u8>,
+    /// Memory used, whole percent.
+    pub mem: Option<u8>,
+    /// Root filesystem used, whole percent.
+    pub disk: Option<u8>,
+    /// Highest temperature, °C to one decimal.
+    pub temp: Option<f64>,
+    /// Throttling and link warnings.
+    pub warnings: Vec<&'static str>,
+    /// Tags (the agent's, then its enrolment's).
+    pub tags: Vec<String>,
+}
+
+/// A page of the fleet table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page {
+    /// Fleet-wide counts (not filtered).
+    pub counts: Counts,
+    /// Devices matching the filters.
+    pub matched: usize,
+    /// First row's index among the matching devices.
+    pub offset: usize,
+    /// Page size.
+    pub limit: usize,
+    /// The rows, sorted by id.
+    pub rows: Vec<Row>,
+    /// Every tag in the fleet, sorted (for the filter).
+    pub tags: Vec<String>,
+}
+
+/// Builds a page over `ids` (sorted) looked up in `devices`.
+pub(super) fn build<'a>(
+    ids: &[String],
+    lookup: impl Fn(&str) -> Option<&'a Device>,
+    query: &PageQuery,
+    now: u64,
+) -> Page {
+    let limit = query.limit();
+    let mut counts = Counts::default();
+    let mut tags = BTreeSet::new();
+    let mut matched = 0;
+    let mut rows = Vec::new();
+    for id in ids {
+        let Some(d) = lookup(id) else { continue };
+        let state = view::state_of(&d.record, d.owner.as_deref());
+        counts.devices += 1;
+        match state {
+            "online" => counts.online += 1,
+            "offline" => counts.offline += 1,
+            _ => counts.never_seen += 1,
+        }
+        let agent_tags = d.record.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default();
+        let device_tags = || agent_tags.iter().chain(&d.enrolment.tags);
+        tags.extend(device_tags().map(String::as_str));
+        let wanted = (query.device.is_empty() || query.device == *id)
+            && (query.state.is_empty() || query.state == state)
+            && (query.tag.is_empty() || device_tags().any(|t| *t == query.tag))
+            && contains_ignore_case(id, &query.q);
+        if !wanted {
+            continue;
+        }
+        if matched >= query.offset && rows.len() < limit {
+            rows.push(row(id, d, state, now));
+        }
+        matched += 1;
+    }
+    Page { counts, matched, offset: query.offset, limit, rows, tags: tags.into_iter().map(str::to_string).collect() }
+}
+
+fn row(id: &str, d: &Device, state: &'static str, now: u64) -> Row {
+    let r = &d.record;
+    let percent = |used: u64, total: u64| (total > 0).then(|| (used.min(total) * 100 / total) as u8);
+    let health = r.health.as_ref();
+    let mut warnings = health.and_then(|h| h.throttled).map(|t| ThrottledView::from(t).warnings()).unwrap_or_default();
+    if link::flaky(&r.link, link::reconnects_24h(&r.link, now)) {
+        warnings.push("flaky link");
+    }
+    Row {
+        id: id.to_string(),
+        state,
+        last_seen_ms: r.last_seen_ms,
+        cpu: health.map(|h| (h.cpu_percent().round() as u64).min(100) as u8),
+        mem: health.and_then(|h| percent(h.mem_used_kib, h.mem_total_kib)),
+        disk: health.and_then(|h| percent(h.disk_used_mib, h.disk_total_mib)),
+        temp: health.and_then(|h| h.temp_celsius()),
+        warnings,
+        tags: view::tags_of(&d.enrolment, r),
+    }
+}
+
+/// Whether `haystack` contains `needle`, ASCII case-insensitively (device
+/// ids are ASCII); an empty needle matches everything.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_ignores_ascii_case() {
+        assert!(contains_ignore_case("Kiosk-017", "kiosk-01"));
+        assert!(contains_ignore_case("kiosk-017", "OSK"));
+        assert!(contains_ignore_case("anything", ""));
+        assert!(!contains_ignore_case("kiosk-017", "kiosk-018"));
+        assert!(!contains_ignore_case("ab", "abc"));
+    }
+
+    #[test]
+    fn page_size_is_bounded() {
+        let q = |limit| PageQuery { limit, ..PageQuery::default() };
+        assert_eq!(q(0).limit(), DEFAULT_LIMIT);
+        assert_eq!(q(25).limit(), 25);
+        assert_eq!(q(1_000_000).limit(), MAX_LIMIT);
+    }
+}
