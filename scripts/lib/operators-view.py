@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Measures what the operators' side costs a loaded collector (run by
+`scripts/bench dashboard`): collector CPU with no dashboard open, then with
+DASHBOARDS live streams (`/v1/stream`, the page a browser opens first) open
+for the same window, the bytes each stream carries after its first event,
+and `/metrics` and `GET /v1/devices`: bytes and time per request.
+
+Usage: operators-view.py ADMIN_URL TOKEN COLLECTOR_PID [DASHBOARDS] [WINDOW_S]
+Prints one JSON object.
+"""
+import http.client
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+
+admin, token, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+dashboards = int(sys.argv[4]) if len(sys.argv) > 4 else 5
+window = float(sys.argv[5]) if len(sys.argv) > 5 else 30.0
+tick = os.sysconf("SC_CLK_TCK")
+host = urllib.parse.urlparse(admin).netloc
+
+
+def cpu_seconds():
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
+def request(path):
+    """GET path: (bytes, seconds to the last byte)."""
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection(host, timeout=60)
+    c.request("GET", path, headers={"Authorization": "Bearer " + token})
+    r = c.getresponse()
+    body = r.read()
+    took = time.monotonic() - t0
+    c.close()
+    if r.status != 200:
+        raise SystemExit(f"GET {path}: HTTP {r.status}: {body[:200]!r}")
+    return len(body), took
+
+
+def follow(path, until, out):
+    """Reads an SSE stream until `until` (monotonic): first event size and
+    time, then the bytes and events after it."""
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection(host, timeout=10)
+    c.request("GET", path, headers={"Authorization": "Bearer " + token})
+    r = c.getresponse()
+    buf, first, after, events, kinds = b"", None, 0, 0, {}
+    while time.monotonic() < until:
+        try:
+            data = r.read1(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        if first is None:
+            buf += data
+            end = buf.find(b"\n\n")
+            if end < 0:
+                continue
+            first = {"bytes": end + 2, "seconds": time.monotonic() - t0}
+            after += len(buf) - end - 2
+        else:
+            after += len(data)
+            for line in data.split(b"\n"):
+                if line.startswith(b"event:"):
+                    events += 1
+                    k = line[6:].strip().decode()
+                    kinds[k] = kinds.get(k, 0) + 1
+    c.close()
+    out.append({"first": first, "bytes_after_first": after, "events_after_first": events, "kinds": kinds})
+
+
+# 1. No dashboard.
+c0, t0 = cpu_seconds(), time.monotonic()
+time.sleep(window)
+c1, t1 = cpu_seconds(), time.monotonic()
+idle_cores = (c1 - c0) / (t1 - t0)
+
+# 2. DASHBOARDS streams of the first page (what a browser opens first).
+streams = []
+start = time.monotonic()
+until = start + window + 3
+threads = [threading.Thread(target=follow, args=("/v1/stream", until, streams)) for _ in range(dashboards)]
+for t in threads:
+    t.start()
+time.sleep(3)  # first events delivered; measure the steady state
+c2, t2 = cpu_seconds(), time.monotonic()
+time.sleep(max(0.0, until - time.monotonic()))
+c3, t3 = cpu_seconds(), time.monotonic()
+for t in threads:
+    t.join()
+open_cores = (c3 - c2) / (t3 - t2)
+stream_seconds = until - start
+
+# 3. /metrics and the full device list, one request at a time.
+metrics = [request("/metrics") for _ in range(5)]
+devices = [request("/v1/devices") for _ in range(3)]
+page = [request("/v1/fleet") for _ in range(5)]
+
+print(json.dumps({
+    "dashboards": dashboards,
+    "window_seconds": window,
+    "cores_no_dashboard": idle_cores,
+    "cores_with_dashboards": open_cores,
+    "stream_first_event_bytes": statistics.median(s["first"]["bytes"] for s in streams if s["first"]),
+    "stream_first_event_seconds": max(s["first"]["seconds"] for s in streams if s["first"]),
+    "stream_bytes_per_sec_after_first": statistics.median(s["bytes_after_first"] / (stream_seconds - s["first"]["seconds"]) for s in streams if s["first"]),
+    "stream_events_per_sec_after_first": statistics.median(s["events_after_first"] / (stream_seconds - s["first"]["seconds"]) for s in streams if s["first"]),
+    "stream_event_kinds": streams[0]["kinds"] if streams else {},
+    "metrics_bytes": metrics[-1][0],
+    "metrics_seconds_median": statistics.median(t for _, t in metrics),
+    "metrics_seconds_max": max(t for _, t in metrics),
+    "devices_json_bytes": devices[-1][0],
+    "devices_json_seconds_median": statistics.median(t for _, t in devices),
+    "fleet_page_bytes": page[-1][0],
+    "fleet_page_seconds_median": statistics.median(t for _, t in page),
+}))
