@@ -624,7 +624,7 @@ impl Fleet {
             ids.sort_unstable();
             ids
         });
-        page::build(ids, |id| devices.get(id), query, now)
+        page::build(devices, ids, query, now)
     }
 
     /// View of one device.

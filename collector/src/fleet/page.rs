@@ -8,7 +8,7 @@
 //! ([`crate::admin::dashboard`]) sends a page once and then only the rows
 //! that changed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use pulsebell_proto::view::ThrottledView;
 use serde::{Deserialize, Serialize};
@@ -103,47 +103,67 @@ pub struct Page {
     pub tags: Vec<String>,
 }
 
-/// Builds a page over `ids` (sorted) looked up in `devices`.
-pub(super) fn build<'a>(
-    ids: &[String],
-    lookup: impl Fn(&str) -> Option<&'a Device>,
-    query: &PageQuery,
-    now: u64,
-) -> Page {
+/// Builds a page of `devices`; `ids` are their ids, sorted.
+///
+/// One sequential pass over the map counts states and gathers tags; the
+/// rows then cost what the query needs: without a filter only the page's
+/// own devices are looked up, `device` is one lookup, and only a search,
+/// tag or state filter walks the sorted ids.
+pub(super) fn build(devices: &HashMap<String, Device>, ids: &[String], query: &PageQuery, now: u64) -> Page {
     let limit = query.limit();
-    let mut counts = Counts::default();
+    let mut counts = Counts { devices: devices.len(), ..Counts::default() };
     let mut tags = BTreeSet::new();
-    let mut matched = 0;
-    let mut rows = Vec::new();
-    for id in ids {
-        let Some(d) = lookup(id) else { continue };
-        let state = view::state_of(&d.record, d.owner.as_deref());
-        counts.devices += 1;
-        match state {
+    for d in devices.values() {
+        match view::state_of(&d.record, d.owner.as_deref()) {
             "online" => counts.online += 1,
             "offline" => counts.offline += 1,
             _ => counts.never_seen += 1,
         }
-        let agent_tags = d.record.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default();
-        let device_tags = || agent_tags.iter().chain(&d.enrolment.tags);
-        tags.extend(device_tags().map(String::as_str));
-        let wanted = (query.device.is_empty() || query.device == *id)
-            && (query.state.is_empty() || query.state == state)
-            && (query.tag.is_empty() || device_tags().any(|t| *t == query.tag))
-            && contains_ignore_case(id, &query.q);
-        if !wanted {
-            continue;
-        }
-        if matched >= query.offset && rows.len() < limit {
-            rows.push(row(id, d, state, now));
-        }
-        matched += 1;
+        tags.extend(device_tags(d).map(String::as_str));
     }
+    let wanted = |id: &str, d: &Device, state: &str| {
+        (query.state.is_empty() || query.state == state)
+            && (query.tag.is_empty() || device_tags(d).any(|t| *t == query.tag))
+            && contains_ignore_case(id, &query.q)
+    };
+    let (matched, rows) = if !query.device.is_empty() {
+        match devices.get_key_value(&query.device) {
+            Some((id, d)) if wanted(id, d, view::state_of(&d.record, d.owner.as_deref())) => {
+                let rows = if query.offset == 0 { vec![row(id, d, now)] } else { Vec::new() };
+                (1, rows)
+            }
+            _ => (0, Vec::new()),
+        }
+    } else if query.q.is_empty() && query.tag.is_empty() && query.state.is_empty() {
+        let page = ids.iter().skip(query.offset).take(limit);
+        (ids.len(), page.filter_map(|id| devices.get(id).map(|d| row(id, d, now))).collect())
+    } else {
+        let mut matched = 0;
+        let mut rows = Vec::new();
+        for id in ids {
+            let Some(d) = devices.get(id) else { continue };
+            if !wanted(id, d, view::state_of(&d.record, d.owner.as_deref())) {
+                continue;
+            }
+            if matched >= query.offset && rows.len() < limit {
+                rows.push(row(id, d, now));
+            }
+            matched += 1;
+        }
+        (matched, rows)
+    };
     Page { counts, matched, offset: query.offset, limit, rows, tags: tags.into_iter().map(str::to_string).collect() }
 }
 
-fn row(id: &str, d: &Device, state: &'static str, now: u64) -> Row {
+/// A device's tags: the agent's, then its enrolment's (may repeat).
+fn device_tags(d: &Device) -> impl Iterator<Item = &String> {
+    let agent = d.record.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default();
+    agent.iter().chain(&d.enrolment.tags)
+}
+
+fn row(id: &str, d: &Device, now: u64) -> Row {
     let r = &d.record;
+    let state = view::state_of(r, d.owner.as_deref());
     let percent = |used: u64, total: u64| (total > 0).then(|| (used.min(total) * 100 / total) as u8);
     let health = r.health.as_ref();
     let mut warnings = health.and_then(|h| h.throttled).map(|t| ThrottledView::from(t).warnings()).unwrap_or_default();
