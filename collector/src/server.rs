@@ -135,6 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         membership: config.cluster.enabled().then(|| membership.clone()),
         provisioning,
         token: Arc::new(token.clone()),
+        pages: Arc::new(admin::dashboard::Pages::new(fleet.clone())),
     };
     let mut admin_shutdown = shutdown_rx.clone();
     let admin_task = tokio::spawn(async move {

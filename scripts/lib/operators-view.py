@@ -2,7 +2,8 @@
 """Measures what the operators' side costs a loaded collector (run by
 `scripts/bench dashboard`): collector CPU with no dashboard open, then with
 DASHBOARDS live streams (`/v1/stream`, the page a browser opens first) open
-for the same window, the bytes each stream carries after its first event,
+for the same window, then DASHBOARDS streams of different pages, the bytes
+each stream carries after its first event,
 and `/metrics` and `GET /v1/devices`: bytes and time per request.
 
 Usage: operators-view.py ADMIN_URL TOKEN COLLECTOR_PID [DASHBOARDS] [WINDOW_S]
@@ -82,21 +83,36 @@ time.sleep(window)
 c1, t1 = cpu_seconds(), time.monotonic()
 idle_cores = (c1 - c0) / (t1 - t0)
 
-# 2. DASHBOARDS streams of the first page (what a browser opens first).
-streams = []
-start = time.monotonic()
-until = start + window + 3
-threads = [threading.Thread(target=follow, args=("/v1/stream", until, streams)) for _ in range(dashboards)]
-for t in threads:
-    t.start()
-time.sleep(3)  # first events delivered; measure the steady state
-c2, t2 = cpu_seconds(), time.monotonic()
-time.sleep(max(0.0, until - time.monotonic()))
-c3, t3 = cpu_seconds(), time.monotonic()
-for t in threads:
-    t.join()
-open_cores = (c3 - c2) / (t3 - t2)
-stream_seconds = until - start
+def open_streams(paths):
+    """Streams of `paths` open for the window: (collector cores, stats)."""
+    streams = []
+    start = time.monotonic()
+    until = start + window + 3
+    threads = [threading.Thread(target=follow, args=(p, until, streams)) for p in paths]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # first events delivered; measure the steady state
+    c0, t0 = cpu_seconds(), time.monotonic()
+    time.sleep(max(0.0, until - time.monotonic()))
+    c1, t1 = cpu_seconds(), time.monotonic()
+    for t in threads:
+        t.join()
+    seconds = until - start
+    ok = [s for s in streams if s["first"]]
+    return (c1 - c0) / (t1 - t0), {
+        "first_event_bytes": statistics.median(s["first"]["bytes"] for s in ok),
+        "first_event_seconds": max(s["first"]["seconds"] for s in ok),
+        "bytes_per_sec_after_first": statistics.median(s["bytes_after_first"] / (seconds - s["first"]["seconds"]) for s in ok),
+        "events_per_sec_after_first": statistics.median(s["events_after_first"] / (seconds - s["first"]["seconds"]) for s in ok),
+        "event_kinds": ok[0]["kinds"] if ok else {},
+    }
+
+
+# 2. DASHBOARDS streams of the first page (what a browser opens first),
+# then DASHBOARDS streams of as many different pages (nothing shared but
+# the fleet-wide counts).
+open_cores, same = open_streams(["/v1/stream"] * dashboards)
+apart_cores, apart = open_streams(["/v1/stream?offset=%d" % (100 * i) for i in range(dashboards)])
 
 # 3. /metrics and the full device list, one request at a time.
 metrics = [request("/metrics") for _ in range(5)]
@@ -108,11 +124,13 @@ print(json.dumps({
     "window_seconds": window,
     "cores_no_dashboard": idle_cores,
     "cores_with_dashboards": open_cores,
-    "stream_first_event_bytes": statistics.median(s["first"]["bytes"] for s in streams if s["first"]),
-    "stream_first_event_seconds": max(s["first"]["seconds"] for s in streams if s["first"]),
-    "stream_bytes_per_sec_after_first": statistics.median(s["bytes_after_first"] / (stream_seconds - s["first"]["seconds"]) for s in streams if s["first"]),
-    "stream_events_per_sec_after_first": statistics.median(s["events_after_first"] / (stream_seconds - s["first"]["seconds"]) for s in streams if s["first"]),
-    "stream_event_kinds": streams[0]["kinds"] if streams else {},
+    "cores_with_dashboards_apart": apart_cores,
+    "stream_first_event_bytes": same["first_event_bytes"],
+    "stream_first_event_seconds": same["first_event_seconds"],
+    "stream_bytes_per_sec_after_first": same["bytes_per_sec_after_first"],
+    "stream_events_per_sec_after_first": same["events_per_sec_after_first"],
+    "stream_event_kinds": same["event_kinds"],
+    "stream_apart_bytes_per_sec_after_first": apart["bytes_per_sec_after_first"],
     "metrics_bytes": metrics[-1][0],
     "metrics_seconds_median": statistics.median(t for _, t in metrics),
     "metrics_seconds_max": max(t for _, t in metrics),

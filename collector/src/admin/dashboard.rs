@@ -2,9 +2,10 @@
 //! a login form that sets an HttpOnly cookie holding the admin token, and a
 //! Server-Sent Events stream of the fleet for live updates.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AdminState;
 use crate::auth;
-use crate::fleet::page::{Counts, Page, PageQuery, Row};
+use crate::fleet::page::{Counts, Page, PageQuery, Row, Summary};
 use crate::fleet::Fleet;
 
 /// Name of the session cookie.
@@ -82,7 +83,7 @@ pub async fn login(State(state): State<AdminState>, Form(form): Form<Login>) -> 
 /// `GET /v1/fleet?q=&tag=&state=&device=&offset=&limit=`: one page of the
 /// fleet table ([`Page`]), as the stream's first event carries it.
 pub async fn fleet_page(State(state): State<AdminState>, Query(query): Query<PageQuery>) -> Json<Page> {
-    Json(state.fleet.page(&query))
+    Json(state.fleet.page(&query, None))
 }
 
 /// `GET /v1/stream?q=&tag=&state=&device=&offset=&limit=`: the fleet table,
@@ -101,7 +102,7 @@ pub async fn stream(
     State(state): State<AdminState>,
     Query(query): Query<PageQuery>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let follow = Follow { fleet: state.fleet.clone(), query, sent: None };
+    let follow = Follow { pages: state.pages.clone(), query, sent: None };
     let stream = futures_util::stream::unfold(follow, |mut follow| async move {
         let event = follow.next_event().await;
         Some((Ok(event), follow))
@@ -109,11 +110,58 @@ pub async fn stream(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// How long a built page serves other streams showing the same page.
+const FRESH: Duration = Duration::from_millis(500);
+
+/// Pages built in the last [`FRESH`], shared by the streams that show the
+/// same page (a wall of screens, several operators on the first page): one
+/// page build a tick however many of them are open. The fleet-wide part
+/// (counts, tags: one pass over every device) is shared by all pages.
+pub struct Pages {
+    fleet: Arc<Fleet>,
+    recent: Mutex<Recent>,
+}
+
+#[derive(Default)]
+struct Recent {
+    pages: HashMap<PageQuery, (Instant, Arc<Page>)>,
+    summary: Option<(Instant, Summary)>,
+}
+
+impl Pages {
+    /// Pages of `fleet`.
+    pub fn new(fleet: Arc<Fleet>) -> Pages {
+        Pages { fleet, recent: Mutex::new(Recent::default()) }
+    }
+
+    /// The page for `query`, built now or in the last [`FRESH`].
+    fn get(&self, query: &PageQuery) -> Arc<Page> {
+        let now = Instant::now();
+        let fresh = |built: &Instant| now.duration_since(*built) < FRESH;
+        let summary = {
+            let mut recent = self.recent.lock().expect("pages lock");
+            recent.pages.retain(|_, (built, _)| fresh(built));
+            if let Some((_, page)) = recent.pages.get(query) {
+                return page.clone();
+            }
+            recent.summary.as_ref().filter(|(built, _)| fresh(built)).map(|(_, s)| s.clone())
+        };
+        let reused = summary.is_some();
+        let page = Arc::new(self.fleet.page(query, summary));
+        let mut recent = self.recent.lock().expect("pages lock");
+        if !reused {
+            recent.summary = Some((now, Summary { counts: page.counts, tags: page.tags.clone() }));
+        }
+        recent.pages.insert(query.clone(), (now, page.clone()));
+        page
+    }
+}
+
 /// One open stream: the query and the page last sent.
 struct Follow {
-    fleet: Arc<Fleet>,
+    pages: Arc<Pages>,
     query: PageQuery,
-    sent: Option<Page>,
+    sent: Option<Arc<Page>>,
 }
 
 /// The `changes` event.
@@ -132,7 +180,7 @@ impl Follow {
             if self.sent.is_some() {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            let page = self.fleet.page(&self.query);
+            let page = self.pages.get(&self.query);
             let event = match &self.sent {
                 Some(sent) if same_rows(sent, &page) && sent.tags == page.tags => {
                     let changes = Changes {
@@ -151,7 +199,7 @@ impl Follow {
                     }
                     json_event("changes", &changes)
                 }
-                _ => json_event("page", &page),
+                _ => json_event("page", &*page),
             };
             self.sent = Some(page);
             return event;

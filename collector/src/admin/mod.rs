@@ -65,6 +65,8 @@ pub struct AdminState {
     pub provisioning: Arc<crate::provision::Provisioning>,
     /// The admin token.
     pub token: Arc<String>,
+    /// Dashboard pages, shared by the live streams showing the same one.
+    pub pages: Arc<dashboard::Pages>,
 }
 
 /// A JSON error: `{"error": "..."}` with a status.

@@ -614,8 +614,10 @@ impl Fleet {
         views
     }
 
-    /// One page of the fleet table (the dashboard), with fleet-wide counts.
-    pub fn page(&self, query: &page::PageQuery) -> page::Page {
+    /// One page of the fleet table (the dashboard), with fleet-wide counts
+    /// and tags: `summary` when given (recent enough for the caller), else
+    /// counted now.
+    pub fn page(&self, query: &page::PageQuery, summary: Option<page::Summary>) -> page::Page {
         let now = now_ms();
         let mut guard = self.lock();
         let State { devices, sorted, .. } = &mut *guard;
@@ -624,7 +626,8 @@ impl Fleet {
             ids.sort_unstable();
             ids
         });
-        page::build(devices, ids, query, now)
+        let summary = summary.unwrap_or_else(|| page::summary(devices));
+        page::build(devices, ids, query, now, summary)
     }
 
     /// View of one device.

@@ -22,7 +22,7 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// What a dashboard page shows (the query string of `/v1/stream` and
 /// `/v1/fleet`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(default)]
 pub struct PageQuery {
     /// Case-insensitive part of the device id.
@@ -103,14 +103,17 @@ pub struct Page {
     pub tags: Vec<String>,
 }
 
-/// Builds a page of `devices`; `ids` are their ids, sorted.
-///
-/// One sequential pass over the map counts states and gathers tags; the
-/// rows then cost what the query needs: without a filter only the page's
-/// own devices are looked up, `device` is one lookup, and only a search,
-/// tag or state filter walks the sorted ids.
-pub(super) fn build(devices: &HashMap<String, Device>, ids: &[String], query: &PageQuery, now: u64) -> Page {
-    let limit = query.limit();
+/// The fleet-wide part of a page, the same whatever the query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Devices by state.
+    pub counts: Counts,
+    /// Every tag, sorted.
+    pub tags: Vec<String>,
+}
+
+/// One sequential pass over the map: states counted, tags gathered.
+pub(super) fn summary(devices: &HashMap<String, Device>) -> Summary {
     let mut counts = Counts { devices: devices.len(), ..Counts::default() };
     let mut tags = BTreeSet::new();
     for d in devices.values() {
@@ -121,6 +124,22 @@ pub(super) fn build(devices: &HashMap<String, Device>, ids: &[String], query: &P
         }
         tags.extend(device_tags(d).map(String::as_str));
     }
+    Summary { counts, tags: tags.into_iter().map(str::to_string).collect() }
+}
+
+/// Builds a page of `devices` (`ids`: their ids, sorted) with `summary`.
+///
+/// The rows cost what the query needs: without a filter only the page's
+/// own devices are looked up, `device` is one lookup, and only a search,
+/// tag or state filter walks the sorted ids.
+pub(super) fn build(
+    devices: &HashMap<String, Device>,
+    ids: &[String],
+    query: &PageQuery,
+    now: u64,
+    summary: Summary,
+) -> Page {
+    let limit = query.limit();
     let wanted = |id: &str, d: &Device, state: &str| {
         (query.state.is_empty() || query.state == state)
             && (query.tag.is_empty() || device_tags(d).any(|t| *t == query.tag))
@@ -152,7 +171,7 @@ pub(super) fn build(devices: &HashMap<String, Device>, ids: &[String], query: &P
         }
         (matched, rows)
     };
-    Page { counts, matched, offset: query.offset, limit, rows, tags: tags.into_iter().map(str::to_string).collect() }
+    Page { counts: summary.counts, matched, offset: query.offset, limit, rows, tags: summary.tags }
 }
 
 /// A device's tags: the agent's, then its enrolment's (may repeat).
