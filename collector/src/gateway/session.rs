@@ -246,17 +246,10 @@ pub async fn run(
     let mut budget = RateLimit::new(interval);
     // Bell reports are recorded by a task of their own, in order: recording
     // one waits for the store, and the connection must keep reading, pinging
-    // and obeying close requests meanwhile.
-    let (report_tx, mut report_rx) = mpsc::channel::<pulsebell_proto::BellReport>(64);
-    let reporter = {
-        let bells = gw.bells.clone();
-        let device = device.clone();
-        tokio::spawn(async move {
-            while let Some(r) = report_rx.recv().await {
-                bells.on_report(&device, r).await;
-            }
-        })
-    };
+    // and obeying close requests meanwhile. Started with the first report:
+    // most connections never carry one, and an idle task and its queue
+    // would cost every connection a few KiB.
+    let mut reporter: Option<Reporter> = None;
     let end = loop {
         tokio::select! {
             // Close requests (replaced, revoked, cut off) before anything else.
@@ -290,7 +283,8 @@ pub async fn run(
                             armed = true;
                         }
                         Ok(AgentMsg::BellReport(r)) => {
-                            if report_tx.try_send(r).is_err() {
+                            let reporter = reporter.get_or_insert_with(|| Reporter::start(gw, &device));
+                            if reporter.tx.try_send(r).is_err() {
                                 break End::closing(Reason::Disconnected, close::TRY_AGAIN_LATER, "too many bell reports pending; try again later");
                             }
                         }
@@ -315,8 +309,12 @@ pub async fn run(
             },
 
             _ = ping.tick() => {
-                // Keep the agent's silence timer fed and measure the RTT.
-                if last_sent.elapsed() >= interval / 2 {
+                // Keep the agent's silence timer fed (it gives up after
+                // SILENCE_INTERVALS = 3 intervals without a word) and measure
+                // the RTT: a ping when nothing went out for 1.5 intervals,
+                // so every second tick; a pulse's worth of pings and pongs
+                // was half of what a quiet fleet cost the collector.
+                if last_sent.elapsed() >= interval * 3 / 2 {
                     if ws.send(Message::Ping(now_us().to_be_bytes().to_vec().into())).await.is_err() {
                         break End::gone();
                     }
@@ -340,8 +338,30 @@ pub async fn run(
     // Reports already received are still recorded, after the close (it must
     // not wait on a store that may be unreachable; the agent's journal
     // would re-send them anyway).
-    drop(report_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
+    if let Some(Reporter { tx, task }) = reporter {
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+}
+
+/// The task recording one connection's bell reports, in order.
+struct Reporter {
+    tx: mpsc::Sender<pulsebell_proto::BellReport>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reporter {
+    fn start(gw: &Gateway, device: &str) -> Reporter {
+        let (tx, mut rx) = mpsc::channel::<pulsebell_proto::BellReport>(64);
+        let bells = gw.bells.clone();
+        let device = device.to_string();
+        let task = tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                bells.on_report(&device, r).await;
+            }
+        });
+        Reporter { tx, task }
+    }
 }
 
 /// The agent closed the connection: a goodbye (1001) is a planned stop (or
