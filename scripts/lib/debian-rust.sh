@@ -23,7 +23,6 @@ CROSS_TARGET_DIR=${PULSEBELL_CROSS_TARGET_DIR:-$PWD/target/cross}
 # would otherwise rebuild every shared host crate, and everything after them,
 # each time the two kinds of build take turns.
 BUILD_STD_TARGET_DIR=$CROSS_TARGET_DIR/build-std
-ARMV7_TARGET_DIR=$BUILD_STD_TARGET_DIR
 # armv7: std is built from source with each profile (test and agent-release).
 BUILD_STD=std,panic_abort
 # In the test profile std would be built at opt-level 0 with debug assertions,
@@ -87,15 +86,6 @@ agent_release() {
     local target=$1
     shift
     xcargo_std "$target" build --locked --profile agent-release -p pulsebell-agent "$@"
-}
-
-# Cargo target dir of a cross target's builds other than agent_release:
-# target_dir TARGET
-target_dir() {
-    case $1 in
-        "$ARMV7") echo "$BUILD_STD_TARGET_DIR" ;;
-        *) echo "$CROSS_TARGET_DIR" ;;
-    esac
 }
 
 # Run a foreign binary: qemu_run TARGET BIN ARGS...
