@@ -150,7 +150,7 @@ impl Pages {
         let page = Arc::new(self.fleet.page(query, summary));
         let mut recent = self.recent.lock().expect("pages lock");
         if !reused {
-            recent.summary = Some((now, Summary { counts: page.counts, tags: page.tags.clone() }));
+            recent.summary = Some((now, page.summary.clone()));
         }
         recent.pages.insert(query.clone(), (now, page.clone()));
         page
@@ -182,7 +182,7 @@ impl Follow {
             }
             let page = self.pages.get(&self.query);
             let event = match &self.sent {
-                Some(sent) if same_rows(sent, &page) && sent.tags == page.tags => {
+                Some(sent) if same_rows(sent, &page) && sent.summary.tags == page.summary.tags => {
                     let changes = Changes {
                         rows: page
                             .rows
@@ -191,7 +191,7 @@ impl Follow {
                             .filter(|(new, old)| new != old)
                             .map(|(new, _)| new)
                             .collect(),
-                        counts: (page.counts != sent.counts).then_some(page.counts),
+                        counts: (page.summary.counts != sent.summary.counts).then_some(page.summary.counts),
                         matched: (page.matched != sent.matched).then_some(page.matched),
                     };
                     if changes.rows.is_empty() && changes.counts.is_none() && changes.matched.is_none() {

@@ -91,6 +91,21 @@ impl Device {
             ended_elsewhere: 0,
         }
     }
+
+    /// `online`, `offline` or `never_seen`.
+    fn state(&self) -> &'static str {
+        view::state_of(&self.record, self.owner.as_deref())
+    }
+
+    /// Its tags: the agent's (last Hello), then its enrolment's (may repeat).
+    fn tags(&self) -> impl Iterator<Item = &String> {
+        let agent = self.record.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default();
+        agent.iter().chain(&self.enrolment.tags)
+    }
+
+    fn has_tag(&self, tag: &str) -> bool {
+        self.tags().any(|t| t == tag)
+    }
 }
 
 #[derive(Default)]
@@ -554,18 +569,11 @@ impl Fleet {
         self.lock().devices.contains_key(id)
     }
 
-    /// Ids of devices whose last Hello carried `tag`.
+    /// Ids of devices tagged `tag` (by their last Hello or their enrolment).
     pub fn with_tag(&self, tag: &str) -> Vec<String> {
         let state = self.lock();
-        let mut ids: Vec<String> = state
-            .devices
-            .iter()
-            .filter(|(_, d)| {
-                d.enrolment.tags.iter().any(|t| t == tag)
-                    || d.record.hello.as_ref().is_some_and(|h| h.tags.iter().any(|t| t == tag))
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut ids: Vec<String> =
+            state.devices.iter().filter(|(_, d)| d.has_tag(tag)).map(|(id, _)| id.clone()).collect();
         ids.sort();
         ids
     }

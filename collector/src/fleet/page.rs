@@ -89,8 +89,9 @@ pub struct Row {
 /// A page of the fleet table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Page {
-    /// Fleet-wide counts (not filtered).
-    pub counts: Counts,
+    /// Fleet-wide counts and tags (`counts`, `tags` in the JSON).
+    #[serde(flatten)]
+    pub summary: Summary,
     /// Devices matching the filters.
     pub matched: usize,
     /// First row's index among the matching devices.
@@ -99,16 +100,14 @@ pub struct Page {
     pub limit: usize,
     /// The rows, sorted by id.
     pub rows: Vec<Row>,
-    /// Every tag in the fleet, sorted (for the filter).
-    pub tags: Vec<String>,
 }
 
 /// The fleet-wide part of a page, the same whatever the query.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
-    /// Devices by state.
+    /// Devices by state (not filtered).
     pub counts: Counts,
-    /// Every tag, sorted.
+    /// Every tag in the fleet, sorted (for the filter).
     pub tags: Vec<String>,
 }
 
@@ -117,12 +116,12 @@ pub(super) fn summary(devices: &HashMap<String, Device>) -> Summary {
     let mut counts = Counts { devices: devices.len(), ..Counts::default() };
     let mut tags = BTreeSet::new();
     for d in devices.values() {
-        match view::state_of(&d.record, d.owner.as_deref()) {
+        match d.state() {
             "online" => counts.online += 1,
             "offline" => counts.offline += 1,
             _ => counts.never_seen += 1,
         }
-        tags.extend(device_tags(d).map(String::as_str));
+        tags.extend(d.tags().map(String::as_str));
     }
     Summary { counts, tags: tags.into_iter().map(str::to_string).collect() }
 }
@@ -140,17 +139,14 @@ pub(super) fn build(
     summary: Summary,
 ) -> Page {
     let limit = query.limit();
-    let wanted = |id: &str, d: &Device, state: &str| {
-        (query.state.is_empty() || query.state == state)
-            && (query.tag.is_empty() || device_tags(d).any(|t| *t == query.tag))
+    let wanted = |id: &str, d: &Device| {
+        (query.state.is_empty() || query.state == d.state())
+            && (query.tag.is_empty() || d.has_tag(&query.tag))
             && contains_ignore_case(id, &query.q)
     };
     let (matched, rows) = if !query.device.is_empty() {
         match devices.get_key_value(&query.device) {
-            Some((id, d)) if wanted(id, d, view::state_of(&d.record, d.owner.as_deref())) => {
-                let rows = if query.offset == 0 { vec![row(id, d, now)] } else { Vec::new() };
-                (1, rows)
-            }
+            Some((id, d)) if wanted(id, d) => (1, if query.offset == 0 { vec![row(id, d, now)] } else { Vec::new() }),
             _ => (0, Vec::new()),
         }
     } else if query.q.is_empty() && query.tag.is_empty() && query.state.is_empty() {
@@ -159,11 +155,7 @@ pub(super) fn build(
     } else {
         let mut matched = 0;
         let mut rows = Vec::new();
-        for id in ids {
-            let Some(d) = devices.get(id) else { continue };
-            if !wanted(id, d, view::state_of(&d.record, d.owner.as_deref())) {
-                continue;
-            }
+        for (id, d) in ids.iter().filter_map(|id| Some((id, devices.get(id)?))).filter(|(id, d)| wanted(id, d)) {
             if matched >= query.offset && rows.len() < limit {
                 rows.push(row(id, d, now));
             }
@@ -171,18 +163,11 @@ pub(super) fn build(
         }
         (matched, rows)
     };
-    Page { counts: summary.counts, matched, offset: query.offset, limit, rows, tags: summary.tags }
-}
-
-/// A device's tags: the agent's, then its enrolment's (may repeat).
-fn device_tags(d: &Device) -> impl Iterator<Item = &String> {
-    let agent = d.record.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default();
-    agent.iter().chain(&d.enrolment.tags)
+    Page { summary, matched, offset: query.offset, limit, rows }
 }
 
 fn row(id: &str, d: &Device, now: u64) -> Row {
     let r = &d.record;
-    let state = view::state_of(r, d.owner.as_deref());
     let percent = |used: u64, total: u64| (total > 0).then(|| (used.min(total) * 100 / total) as u8);
     let health = r.health.as_ref();
     let mut warnings = health.and_then(|h| h.throttled).map(|t| ThrottledView::from(t).warnings()).unwrap_or_default();
@@ -191,7 +176,7 @@ fn row(id: &str, d: &Device, now: u64) -> Row {
     }
     Row {
         id: id.to_string(),
-        state,
+        state: d.state(),
         last_seen_ms: r.last_seen_ms,
         cpu: health.map(|h| (h.cpu_percent().round() as u64).min(100) as u8),
         mem: health.and_then(|h| percent(h.mem_used_kib, h.mem_total_kib)),
