@@ -126,8 +126,8 @@ pub struct ClusterConfig {
     pub nats_creds_file: Option<PathBuf>,
     /// CA certificate (PEM) for NATS servers with a private CA.
     pub nats_ca_file: Option<PathBuf>,
-    /// Replicas of every stream and bucket; default min(3, JetStream
-    /// servers).
+    /// Replicas of every stream and bucket; default 3 in a NATS cluster,
+    /// 1 on a single server.
     pub replicas: Option<usize>,
     /// A node whose heartbeat is this old is lost; its devices are
     /// declared offline (`collector_lost`).

@@ -15,7 +15,7 @@
 //! Each server's stdout and stderr go to `nats-n{i+1}.log` in the test's
 //! directory; when a test panics, `Drop` prints them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -435,6 +435,21 @@ impl NatsCluster {
     pub fn meta_leader(&self, i: usize) -> Result<Option<String>, String> {
         let jsz = self.monitor(i, "/jsz")?;
         Ok(jsz["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned))
+    }
+
+    /// Each stream server `i` knows (KV buckets are streams `KV_<name>`)
+    /// with its replica count (`/jsz?streams=true`, `config.num_replicas`).
+    pub fn stream_replicas(&self, i: usize) -> Result<BTreeMap<String, u64>, String> {
+        let jsz = self.monitor(i, "/jsz?accounts=true&streams=true&config=true")?;
+        let mut out = BTreeMap::new();
+        for account in jsz["account_details"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            for stream in account["stream_detail"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                let name = stream["name"].as_str().ok_or_else(|| format!("a stream without a name: {stream}"))?;
+                let replicas = stream["config"]["num_replicas"].as_u64().unwrap_or(1);
+                out.insert(name.to_owned(), replicas);
+            }
+        }
+        Ok(out)
     }
 
     /// The `INFO` object server `i` sends a client on connect (proves the

@@ -351,6 +351,12 @@ fn losing_one_nats_server_loses_nothing() {
     assert!(out.status.success(), "{}", pulsebell_tests::describe(&out));
     let before: Value = serde_json::from_slice(&out.stdout).expect("bell --json");
     let first_bell = before[0]["id"].as_u64().expect("id");
+    // Surviving a server needs every stream and bucket on 3 replicas (the
+    // default in a cluster), whatever the collectors saw of the routes when
+    // they created them.
+    let replicas = fx.nats.stream_replicas(1).expect("/jsz");
+    assert!(replicas.len() >= 10, "every bucket and stream exists: {replicas:?}");
+    assert!(replicas.values().all(|&r| r == 3), "3 replicas each: {replicas:?}");
 
     fx.nats.kill(0);
     // Each collector goes on: enrol a new device, ring, status. A request

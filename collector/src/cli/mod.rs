@@ -108,7 +108,7 @@ pub enum Command {
         /// NATS servers, comma-separated.
         #[arg(long, value_name = "URL[,URL...]")]
         nats: String,
-        /// Stream and bucket replicas [default: min(3, servers)]
+        /// Stream and bucket replicas [default: 3 in a NATS cluster, 1 on a single server]
         #[arg(long)]
         replicas: Option<usize>,
     },

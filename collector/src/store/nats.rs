@@ -1,8 +1,8 @@
 //! [`Store`] on NATS JetStream: the shared state of a cluster of collectors.
 //!
 //! Buckets (KV, JSON values unless noted) and streams, all created on first
-//! start with replicas = `cluster.replicas`, default min(3, JetStream
-//! servers):
+//! start with replicas = `cluster.replicas`, default 3 when the server is
+//! part of a NATS cluster and 1 on a single server:
 //!
 //! | name | key | value |
 //! |---|---|---|
@@ -212,11 +212,18 @@ impl NatsStore {
         let client = connect(cfg, node).await?;
         let js = jetstream::new(client.clone());
         let info = client.server_info();
-        let servers = info.connect_urls.len().max(1);
+        // A clustered server's INFO lists only the client URLs it has heard
+        // of so far (routes still forming after a start), so it would
+        // undercount; a cluster gets 3 replicas unless told otherwise, and a
+        // standalone server 1.
+        let servers = if info.cluster.is_some() { info.connect_urls.len().max(3) } else { 1 };
         let replicas = cfg.replicas.unwrap_or(servers.min(3));
         info!(server = %info.server_name, version = %info.version, servers, replicas, "JetStream store");
-        let setting =
-            if cfg.replicas.is_some() { "cluster.replicas" } else { "cluster.replicas (default: min(3, servers))" };
+        let setting = if cfg.replicas.is_some() {
+            "cluster.replicas"
+        } else {
+            "cluster.replicas (default: 3 in a NATS cluster, 1 on a single server)"
+        };
         let bucket = |name: &'static str, max_age: Duration| {
             let js = js.clone();
             create_retrying("bucket", name, replicas, setting, move || {
