@@ -161,8 +161,11 @@ fn failure(gw: &Gateway, peer: SocketAddr, reason: &'static str, detail: impl st
     info!(%peer, reason, "handshake failed: {detail}");
 }
 
-/// A device's upgraded connection.
-type DeviceWs = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A device's upgraded connection, boxed: the stream (~1.5 KB) then sits
+/// once on the heap, instead of inline in every future that takes it (an
+/// async fn keeps its argument and the moved local: measured 6,408 B per
+/// connection task before, with the stream counted three times).
+type DeviceWs = Box<tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// What a finished handshake leads to.
 enum Upgraded {
@@ -285,16 +288,16 @@ async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tok
         }
     };
     if let Some((key, wanted)) = provision {
-        return Some(Upgraded::Provision(ws, key, wanted));
+        return Some(Upgraded::Provision(Box::new(ws), key, wanted));
     }
-    device.map(|d| Upgraded::Device(ws, d))
+    device.map(|d| Upgraded::Device(Box::new(ws), d))
 }
 
 /// A provisioning request after the upgrade: the token in one binary
 /// frame and a normal close, or a 1008 close with the refusal.
 async fn provision_device<S>(
     gw: &Gateway,
-    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    mut ws: Box<tokio_tungstenite::WebSocketStream<S>>,
     peer: SocketAddr,
     key: &str,
     wanted: &str,
@@ -327,5 +330,5 @@ async fn provision_device<S>(
         }
     };
     let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), ws.close(Some(frame))).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), (*ws).close(Some(frame))).await;
 }

@@ -32,7 +32,8 @@ use crate::clock::now_ms;
 use crate::fleet::{Outbound, Refused};
 use crate::store::Reason;
 
-type Ws = WebSocketStream<TlsStream<TcpStream>>;
+/// Boxed, see `gateway::DeviceWs`.
+type Ws = Box<WebSocketStream<TlsStream<TcpStream>>>;
 
 /// A device may send this many times its announced pulse rate...
 pub const RATE_FACTOR: f64 = 10.0;
@@ -116,7 +117,7 @@ async fn send_close(ws: &mut Ws, code: u16, reason: &str) {
         text.pop();
     }
     let frame = CloseFrame { code: CloseCode::from(code), reason: text.into() };
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), (**ws).close(Some(frame))).await;
 }
 
 async fn send(ws: &mut Ws, msg: &ServerMsg) -> bool {
