@@ -17,7 +17,6 @@ use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
@@ -107,13 +106,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let provisioning = Arc::new(Provisioning::new(fleet.clone(), tls.ca_fingerprint.clone()));
-    let gw = Arc::new(Gateway::new(
-        fleet.clone(),
-        bells.clone(),
-        provisioning.clone(),
-        TlsAcceptor::from(tls.config),
-        config.limits.clone(),
-    ));
+    let gw =
+        Arc::new(Gateway::new(fleet.clone(), bells.clone(), provisioning.clone(), tls.config, config.limits.clone()));
     let membership = Arc::new(Membership::new(&node));
     let cluster_task = changes.map(|changes| {
         tokio::spawn(cluster::run(

@@ -15,10 +15,8 @@ use futures_util::{SinkExt, StreamExt};
 use pulsebell_proto::{
     close, decode, encode, peek_hello_version, AgentMsg, DecodeError, ServerMsg, Welcome, PROTOCOL_VERSION,
 };
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
-use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::{
     self,
     protocol::{frame::coding::CloseCode, CloseFrame},
@@ -33,7 +31,7 @@ use crate::fleet::{Outbound, Refused};
 use crate::store::Reason;
 
 /// Boxed, see `gateway::DeviceWs`.
-type Ws = Box<WebSocketStream<TlsStream<TcpStream>>>;
+type Ws = Box<WebSocketStream<super::tls::TlsStream>>;
 
 /// A device may send this many times its announced pulse rate...
 pub const RATE_FACTOR: f64 = 10.0;
