@@ -103,12 +103,15 @@ fn append<E>(
 }
 
 /// Runs rustls over `input` until it needs more input or is ready for
-/// application data (then does `want`). Decrypted data goes to `plaintext`,
-/// records to send (handshake, alerts, `want`'s) to `outgoing`. Returns how
-/// many bytes of `input` rustls consumed and what it wants next.
+/// application data (then does `want`). Decrypted data goes to `reader`
+/// while it has room and nothing is queued before it, the rest to
+/// `plaintext`; records to send (handshake, alerts, `want`'s) to
+/// `outgoing`. Returns how many bytes of `input` rustls consumed and what
+/// it wants next.
 fn drive(
     conn: &mut UnbufferedServerConnection,
     input: &mut [u8],
+    mut reader: Option<&mut ReadBuf<'_>>,
     plaintext: &mut Vec<u8>,
     outgoing: &mut Vec<u8>,
     read_closed: &mut bool,
@@ -120,7 +123,13 @@ fn drive(
         let step = match state.map_err(tls_error)? {
             ConnectionState::ReadTraffic(mut traffic) => {
                 while let Some(record) = traffic.next_record() {
-                    plaintext.extend_from_slice(record.map_err(tls_error)?.payload);
+                    let mut payload = record.map_err(tls_error)?.payload;
+                    if let Some(reader) = reader.as_deref_mut().filter(|_| plaintext.is_empty()) {
+                        let n = reader.remaining().min(payload.len());
+                        reader.put_slice(&payload[..n]);
+                        payload = &payload[n..];
+                    }
+                    plaintext.extend_from_slice(payload);
                 }
                 None
             }
@@ -187,7 +196,7 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
     let mut read_closed = false;
     loop {
         let (consumed, step) =
-            drive(&mut conn, &mut incoming, &mut plaintext, &mut outgoing, &mut read_closed, Want::Nothing)?;
+            drive(&mut conn, &mut incoming, None, &mut plaintext, &mut outgoing, &mut read_closed, Want::Nothing)?;
         incoming.drain(..consumed);
         if !outgoing.is_empty() {
             tcp.write_all(&outgoing).await?;
@@ -228,9 +237,10 @@ pub async fn accept(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result
 }
 
 impl TlsStream {
-    /// Processes `n` new bytes read into `chunk`: where nothing was left
-    /// over, straight from `chunk`, keeping only an incomplete record.
-    fn take_input(&mut self, chunk: &mut [u8]) -> io::Result<()> {
+    /// Processes new bytes read into `chunk`: where nothing was left over,
+    /// straight from `chunk`, keeping only an incomplete record; plaintext
+    /// goes to `reader` first.
+    fn take_input(&mut self, chunk: &mut [u8], reader: &mut ReadBuf<'_>) -> io::Result<()> {
         let (input, from_chunk): (&mut [u8], bool) = if self.incoming.is_empty() {
             (chunk, true)
         } else {
@@ -243,6 +253,7 @@ impl TlsStream {
         let (consumed, step) = drive(
             &mut self.conn,
             input,
+            Some(reader),
             &mut self.plaintext,
             &mut self.outgoing,
             &mut self.read_closed,
@@ -281,6 +292,7 @@ impl TlsStream {
         let (consumed, step) = drive(
             &mut self.conn,
             &mut self.incoming,
+            None,
             &mut self.plaintext,
             &mut self.outgoing,
             &mut self.read_closed,
@@ -330,7 +342,13 @@ impl AsyncRead for TlsStream {
                         )));
                     }
                 }
-                Ok(n) => this.take_input(&mut chunk[..n])?,
+                Ok(n) => {
+                    let before = buf.filled().len();
+                    this.take_input(&mut chunk[..n], buf)?;
+                    if buf.filled().len() > before {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
