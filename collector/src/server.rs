@@ -107,7 +107,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let provisioning = Arc::new(Provisioning::new(fleet.clone(), tls.ca_fingerprint.clone()));
     let gw =
-        Arc::new(Gateway::new(fleet.clone(), bells.clone(), provisioning.clone(), tls.config, config.limits.clone()));
+        Arc::new(Gateway::new(fleet.clone(), bells.clone(), provisioning.clone(), tls.config, config.limits.clone())?);
     let membership = Arc::new(Membership::new(&node));
     let cluster_task = changes.map(|changes| {
         tokio::spawn(cluster::run(

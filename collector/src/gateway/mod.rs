@@ -9,6 +9,7 @@
 //! address.
 
 pub mod session;
+mod threads;
 pub mod tls;
 
 use crate::auth;
@@ -48,6 +49,7 @@ pub struct Gateway {
     pub throttle: auth::Throttle,
     connections: Arc<Semaphore>,
     handshakes: Semaphore,
+    threads: threads::ConnectionThreads,
     /// False while this node is cut off from its cluster: new devices are
     /// refused with 1013.
     accepting: std::sync::atomic::AtomicBool,
@@ -61,8 +63,9 @@ impl Gateway {
         provisioning: Arc<Provisioning>,
         tls: Arc<rustls::ServerConfig>,
         limits: Limits,
-    ) -> Gateway {
-        Gateway {
+    ) -> std::io::Result<Gateway> {
+        Ok(Gateway {
+            threads: threads::ConnectionThreads::start()?,
             throttle: auth::Throttle::new(limits.auth_failures_per_minute),
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             handshakes: Semaphore::new(limits.handshake_concurrency),
@@ -72,7 +75,7 @@ impl Gateway {
             provisioning,
             tls,
             limits,
-        }
+        })
     }
 
     /// Whether new device connections are taken.
@@ -142,10 +145,23 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
-        let gw = gw.clone();
+        // The connection moves to a connection thread: its socket is
+        // registered with that thread's own event loop (threads.rs).
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot hand the connection to a connection thread");
+                continue;
+            }
+        };
+        let gw2 = gw.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
-        tokio::spawn(async move {
+        gw.threads.spawn(async move {
+            let gw = gw2;
+            let Ok(tcp) = TcpStream::from_std(tcp) else {
+                return;
+            };
             gw.fleet.stats.connections.fetch_add(1, Ordering::Relaxed);
             handle(&gw, tcp, peer, shutdown).await;
             gw.fleet.stats.connections.fetch_sub(1, Ordering::Relaxed);

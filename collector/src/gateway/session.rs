@@ -16,7 +16,7 @@ use pulsebell_proto::{
     close, decode, encode, peek_hello_version, AgentMsg, DecodeError, ServerMsg, Welcome, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{
     self,
     protocol::{frame::coding::CloseCode, CloseFrame},
@@ -235,13 +235,14 @@ pub async fn run(
         tokio::spawn(async move { bells.on_connect(&device).await });
     }
 
-    // 3. The loop.
+    // 3. The loop. One timer per connection, aimed at the earlier of the
+    // silence deadline and the next ping, on a coarse grid (see `Timer`).
     let mut silent_at = Instant::now() + accepted.offline_after;
     let mut armed = true;
-    let mut ping = tokio::time::interval(interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    let mut last_sent = Instant::now();
+    let mut ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
+    let grid = Timer::grid(interval);
+    let timer = tokio::time::sleep_until(Timer::on_grid(ping_at.min(silent_at), grid));
+    tokio::pin!(timer);
     let mut budget = RateLimit::new(interval);
     // Bell reports are recorded by a task of their own, in order: recording
     // one waits for the store, and the connection must keep reading, pinging
@@ -258,7 +259,7 @@ pub async fn run(
                     if !send(&mut ws, &msg).await {
                         break End::gone();
                     }
-                    last_sent = Instant::now();
+                    ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
                 }
                 Some(Outbound::Close(code, text, reason)) => break End::closing(reason, code, text.into_string()),
                 None => break End::gone(),
@@ -307,24 +308,27 @@ pub async fn run(
                 Some(Ok(_)) => {}
             },
 
-            _ = ping.tick() => {
+            () = &mut timer => {
+                let now = Instant::now();
+                if armed && now >= silent_at {
+                    armed = false;
+                    gw.fleet.offline(&device, generation, Reason::Silent);
+                }
                 // Keep the agent's silence timer fed (it gives up after
                 // SILENCE_INTERVALS = 3 intervals without a word) and measure
-                // the RTT: a ping when nothing went out for 1.5 intervals,
-                // so every second tick; a pulse's worth of pings and pongs
-                // was half of what a quiet fleet cost the collector.
-                if last_sent.elapsed() >= interval * 3 / 2 {
+                // the RTT: a ping when nothing went out for two intervals.
+                if now >= ping_at {
                     if ws.send(Message::Ping(now_us().to_be_bytes().to_vec().into())).await.is_err() {
                         break End::gone();
                     }
-                    last_sent = Instant::now();
+                    ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
                 }
             }
-            () = sleep_until(silent_at), if armed => {
-                armed = false;
-                gw.fleet.offline(&device, generation, Reason::Silent);
-            }
 
+        }
+        let next = Timer::on_grid(if armed { silent_at.min(ping_at) } else { ping_at }, grid);
+        if next != timer.deadline() {
+            timer.as_mut().reset(next);
         }
     };
     if let Some((code, reason)) = &end.close {
@@ -340,6 +344,32 @@ pub async fn run(
     if let Some(Reporter { tx, task }) = reporter {
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+}
+
+/// The collector pings a device after this many intervals in which it sent
+/// it nothing (the agent gives up after 3).
+const PING_AFTER_INTERVALS: u32 = 2;
+
+/// Connection timers on a coarse grid: a deadline is rounded up to the
+/// next multiple of a grid step (an eighth of the interval, at most 250 ms)
+/// counted from one process-wide origin, so the timers of many connections
+/// fall due together and wake their thread once, instead of one wake-up per
+/// device per interval (the ping tick was as many wake-ups as pulses).
+struct Timer;
+
+impl Timer {
+    fn grid(interval: Duration) -> Duration {
+        (interval / 8).clamp(Duration::from_millis(1), Duration::from_millis(250))
+    }
+
+    fn on_grid(deadline: Instant, grid: Duration) -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(Instant::now);
+        let since = deadline.saturating_duration_since(origin).as_nanos();
+        let step = grid.as_nanos().max(1);
+        let steps = since.div_ceil(step);
+        origin + Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
     }
 }
 
@@ -378,4 +408,28 @@ fn agent_closed(frame: Option<&CloseFrame>) -> End {
 
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_round_up_to_a_shared_grid() {
+        let grid = Timer::grid(Duration::from_secs(10));
+        assert_eq!(grid, Duration::from_millis(250));
+        assert_eq!(Timer::grid(Duration::from_millis(400)), Duration::from_millis(50));
+        let now = Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        for ms in 0..1000u64 {
+            let deadline = now + Duration::from_millis(10_000 + ms);
+            let due = Timer::on_grid(deadline, grid);
+            assert!(due >= deadline, "never earlier than asked");
+            assert!(due - deadline < grid, "at most one step later");
+            seen.insert(due);
+        }
+        // A second of deadlines falls due at 4 or 5 instants.
+        assert!(seen.len() <= 5, "{} distinct wake-ups", seen.len());
+        assert_eq!(Timer::on_grid(*seen.iter().next().unwrap(), grid), *seen.iter().next().unwrap(), "stable");
+    }
 }
