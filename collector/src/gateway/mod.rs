@@ -154,11 +154,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let gw2 = gw.clone();
+        let task_gw = gw.clone();
         let shutdown = shutdown.clone();
         let done = done.clone();
         gw.threads.spawn(async move {
-            let gw = gw2;
+            let gw = task_gw;
             let Ok(tcp) = TcpStream::from_std(tcp) else {
                 return;
             };
