@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pulsebell_proto::{BellReport, BellState, Hello, ServerMsg};
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::Config;
@@ -36,8 +35,8 @@ async fn setup() -> (Arc<Bells>, Arc<Fleet>) {
     (bells, fleet)
 }
 
-fn connect(fleet: &Fleet) -> mpsc::Receiver<Outbound> {
-    let (tx, rx) = mpsc::channel(16);
+fn connect(fleet: &Fleet) -> crate::fleet::OutboundRx {
+    let (tx, rx) = crate::fleet::outbound_queue(16);
     fleet.connect("d1", hello(), tx, fleet.generation_floor("d1") + 1).unwrap();
     rx
 }
@@ -60,7 +59,7 @@ fn report(id: u64, state: BellState) -> BellReport {
 #[tokio::test]
 async fn ring_deliver_run_succeed_exactly_once() {
     let (bells, fleet) = setup().await;
-    let mut rx = connect(&fleet);
+    let rx = connect(&fleet);
     let b = bells.ring(ring_req(None)).await.unwrap().remove(0);
     assert_eq!(b.state, BellStatus::Sent);
     assert!(matches!(rx.try_recv(), Ok(Outbound::Msg(m)) if matches!(&*m, ServerMsg::Bell(m) if m.id == b.id)));
@@ -92,7 +91,7 @@ async fn queued_for_an_offline_device_then_delivered_on_connect_or_expired() {
     let (bells, fleet) = setup().await;
     let b = bells.ring(ring_req(None)).await.unwrap().remove(0);
     assert_eq!(b.state, BellStatus::Queued);
-    let mut rx = connect(&fleet);
+    let rx = connect(&fleet);
     bells.on_connect("d1").await;
     assert!(matches!(rx.try_recv(), Ok(Outbound::Msg(m)) if matches!(&*m, ServerMsg::Bell(m) if m.id == b.id)));
     assert_eq!(bells.get(b.id).await.unwrap().unwrap().state, BellStatus::Sent);
@@ -106,7 +105,7 @@ async fn queued_for_an_offline_device_then_delivered_on_connect_or_expired() {
 #[tokio::test]
 async fn cancel_of_a_running_bell_asks_the_agent() {
     let (bells, fleet) = setup().await;
-    let mut rx = connect(&fleet);
+    let rx = connect(&fleet);
     let b = bells.ring(ring_req(None)).await.unwrap().remove(0);
     let _ = rx.try_recv();
     bells.on_report("d1", report(b.id, BellState::Running)).await;
@@ -121,7 +120,7 @@ async fn cancel_of_a_running_bell_asks_the_agent() {
 #[tokio::test]
 async fn a_bell_from_another_node_reaches_the_local_device_and_stale_copies_are_ignored() {
     let (bells, fleet) = setup().await;
-    let mut rx = connect(&fleet);
+    let rx = connect(&fleet);
     // Node n2 rang it: the store has it, this node learns of it by watch.
     let store = fleet.store().clone();
     let id = store.next_bell_id().await.unwrap();

@@ -8,12 +8,12 @@
 //! ([`crate::admin::dashboard`]) sends a page once and then only the rows
 //! that changed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use pulsebell_proto::view::ThrottledView;
 use serde::{Deserialize, Serialize};
 
-use super::{link, view, Device};
+use super::{link, view, Device, Devices};
 
 /// Rows on a page when the query does not say.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -112,7 +112,7 @@ pub struct Summary {
 }
 
 /// One sequential pass over the map: states counted, tags gathered.
-pub(super) fn summary(devices: &HashMap<String, Device>) -> Summary {
+pub(super) fn summary(devices: &Devices) -> Summary {
     let mut counts = Counts { devices: devices.len(), ..Counts::default() };
     let mut tags = BTreeSet::new();
     for d in devices.values() {
@@ -131,13 +131,7 @@ pub(super) fn summary(devices: &HashMap<String, Device>) -> Summary {
 /// The rows cost what the query needs: without a filter only the page's
 /// own devices are looked up, `device` is one lookup, and only a search,
 /// tag or state filter walks the sorted ids.
-pub(super) fn build(
-    devices: &HashMap<String, Device>,
-    ids: &[String],
-    query: &PageQuery,
-    now: u64,
-    summary: Summary,
-) -> Page {
+pub(super) fn build(devices: &Devices, ids: &[String], query: &PageQuery, now: u64, summary: Summary) -> Page {
     let limit = query.limit();
     let wanted = |id: &str, d: &Device| {
         (query.state.is_empty() || query.state == d.state())

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use pulsebell_proto::{Health, Hello, Pulse};
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::store::{EventKind, MemoryStore};
@@ -33,8 +32,8 @@ async fn fleet(node: &str) -> (Arc<Fleet>, Arc<dyn Store>) {
     (fleet, store)
 }
 
-async fn connect(f: &Fleet, id: &str) -> (u64, mpsc::Receiver<Outbound>) {
-    let (tx, rx) = mpsc::channel(8);
+async fn connect(f: &Fleet, id: &str) -> (u64, super::OutboundRx) {
+    let (tx, rx) = super::outbound_queue(8);
     let g = f.store().claim(id, f.node(), f.generation_floor(id)).await.unwrap();
     let a = f.connect(id, hello(id), tx, g).unwrap();
     assert_eq!(a.generation, g);
@@ -44,7 +43,7 @@ async fn connect(f: &Fleet, id: &str) -> (u64, mpsc::Receiver<Outbound>) {
 #[tokio::test]
 async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
     let (f, store) = fleet("n1").await;
-    let (g1, mut rx1) = connect(&f, "d1").await;
+    let (g1, rx1) = connect(&f, "d1").await;
     assert!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }));
     let (g2, _rx2) = connect(&f, "d1").await;
     assert!(g2 > g1);
@@ -57,9 +56,9 @@ async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
     assert_eq!(f.view("d1").unwrap().state, "online");
     assert_eq!(f.view("d1").unwrap().node.as_deref(), Some("n1"));
     // A stale claim (lower than what the fleet knows) is refused.
-    let (tx, _rx) = mpsc::channel(1);
+    let (tx, _rx) = super::outbound_queue(1);
     assert_eq!(f.connect("d1", hello("d1"), tx, g1).unwrap_err(), Refused::Superseded);
-    let (tx, _rx) = mpsc::channel(1);
+    let (tx, _rx) = super::outbound_queue(1);
     assert_eq!(f.connect("d1", hello("d1"), tx, g2).unwrap_err(), Refused::Superseded, "one claim, one connection");
 
     assert!(f.offline("d1", g2, Reason::Disconnected));
@@ -85,7 +84,7 @@ async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
 #[tokio::test]
 async fn a_newer_owner_elsewhere_closes_the_local_connection() {
     let (f, _store) = fleet("n1").await;
-    let (g1, mut rx) = connect(&f, "d1").await;
+    let (g1, rx) = connect(&f, "d1").await;
     // Node n2 took the device over with a newer generation.
     f.apply(&Change::Owner("d1".into(), Owner { node: Some("n2".into()), generation: g1 + 1, at_ms: 0, reason: None }));
     assert!(matches!(rx.try_recv(), Ok(Outbound::Close(_, _, Reason::Replaced))));
@@ -122,7 +121,7 @@ async fn a_lost_nodes_device_is_declared_offline_once() {
 #[tokio::test]
 async fn revocation_closes_and_forgets() {
     let (f, _store) = fleet("n1").await;
-    let (_g, mut rx) = connect(&f, "d1").await;
+    let (_g, rx) = connect(&f, "d1").await;
     assert!(f.revoke("d1").await.unwrap());
     assert!(matches!(rx.try_recv(), Ok(Outbound::Close(_, _, Reason::Revoked))));
     assert!(!f.exists("d1"));

