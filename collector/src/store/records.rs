@@ -117,7 +117,11 @@ pub struct LinkStats {
     pub rtt_ms: Option<f64>,
 }
 
-/// The last known state of a device, written back periodically.
+/// The last known state of a device, written back periodically. The sled
+/// store keeps it as postcard, which is not self-describing: a change to
+/// its layout (or to `Hello`, `Health`, `LinkStats`) needs a new format tag
+/// there (`store/sled.rs`, `device_record_layout_is_frozen` fails until
+/// then).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     /// Facts from the last Hello.

@@ -64,6 +64,29 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
     })
 }
 
+/// Format tag of a device record stored as postcard. Device records are
+/// rewritten for every device that pulsed, every write-back, and sled keeps
+/// every value in its cache: as postcard a record is about a quarter of its
+/// JSON (field names and numbers as text), in memory and on disk, and
+/// cheaper to encode. Records of earlier versions are JSON objects, which
+/// start with `{`, and are still read.
+const DEVICE_RECORD_POSTCARD: u8 = 1;
+
+fn encode_device(rec: &DeviceRecord) -> Result<Vec<u8>> {
+    postcard::to_extend(rec, vec![DEVICE_RECORD_POSTCARD]).map_err(|e| StoreError::db("encoding a device record", e))
+}
+
+fn decode_device(key: &[u8], bytes: &[u8]) -> Result<DeviceRecord> {
+    match bytes.split_first() {
+        Some((&DEVICE_RECORD_POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
+            tree: "devices",
+            key: String::from_utf8_lossy(key).into_owned(),
+            error: e.to_string(),
+        }),
+        _ => decode("devices", key, bytes),
+    }
+}
+
 fn by_device_key(device: &str, id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(device.len() + 9);
     k.extend_from_slice(device.as_bytes());
@@ -171,7 +194,7 @@ impl Inner {
     fn put_device_states(&self, states: &[(String, DeviceRecord)]) -> Result<()> {
         let mut batch = ::sled::Batch::default();
         for (id, rec) in states {
-            batch.insert(id.as_bytes(), encode(rec)?);
+            batch.insert(id.as_bytes(), encode_device(rec)?);
         }
         self.devices.apply_batch(batch).map_err(db_err)?;
         self.flush_now()
@@ -182,7 +205,7 @@ impl Inner {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(db_err)?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), decode("devices", &k, &v)?))
+                Ok((String::from_utf8_lossy(&k).into_owned(), decode_device(&k, &v)?))
             })
             .collect()
     }
@@ -669,6 +692,87 @@ mod tests {
             cancel_requested: false,
             version: 0,
         }
+    }
+
+    fn device_record() -> DeviceRecord {
+        DeviceRecord {
+            hello: Some(pulsebell_proto::Hello {
+                protocol_version: 1,
+                device_id: "pi-7".into(),
+                agent_version: "0.1.0".into(),
+                boot_id: "6f1c2a9e-4b7d-4e0a-9c3f-000000000007".into(),
+                hostname: "pi-7".into(),
+                os: "Debian GNU/Linux 12 (bookworm)".into(),
+                kernel: "6.6.31+rpt-rpi-v8".into(),
+                arch: "aarch64".into(),
+                board_model: Some("Raspberry Pi 4 Model B Rev 1.4".into()),
+                interval_ms: 10_000,
+                tags: vec!["shop".into()],
+                actions: vec!["ping".into(), "reboot".into()],
+            }),
+            health: Some(pulsebell_proto::Health {
+                cpu_permille: 125,
+                mem_total_kib: 3_884_000,
+                temp_decicelsius: Some(512),
+                ..Default::default()
+            }),
+            last_seq: 17_280,
+            last_seen_ms: Some(1_764_500_000_000),
+            generation: 3,
+            online: true,
+            last_offline_reason: Some(Reason::Silent),
+            link: LinkStats {
+                pulses: 17_280,
+                missed_pulses: 2,
+                late_pulses: 1,
+                connects_ms: vec![1_764_400_000_000],
+                rtt_ms: Some(1.5),
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn device_records_are_postcard_and_earlier_json_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = device_record();
+        let json = serde_json::to_vec(&rec).unwrap();
+        {
+            let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+            s.put_device_states(&[("new".into(), rec.clone())]).await.unwrap();
+            // As an earlier version wrote it.
+            s.inner.devices.insert("old", json.clone()).unwrap();
+            let stored = s.inner.devices.get("new").unwrap().unwrap();
+            assert_eq!(stored[0], DEVICE_RECORD_POSTCARD);
+            assert!(stored.len() * 3 < json.len(), "postcard {} B vs JSON {} B", stored.len(), json.len());
+            s.inner.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let mut states = s.device_states().await.unwrap();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(states, [("new".to_string(), rec.clone()), ("old".to_string(), rec)]);
+        // Neither format: a clear error naming the record.
+        s.inner.devices.insert("bad", vec![0xff, 1, 2]).unwrap();
+        let err = s.device_states().await.unwrap_err().to_string();
+        assert!(err.contains("devices") && err.contains("bad"), "{err}");
+    }
+
+    /// The stored layout of a device record. postcard is not self-describing:
+    /// when this fails because `DeviceRecord` (or `Hello`, `Health`,
+    /// `LinkStats`) changed, records on disk no longer decode. Give the new
+    /// layout a new format tag and keep reading the old one (see
+    /// `DEVICE_RECORD_POSTCARD`); then update these bytes.
+    #[test]
+    fn device_record_layout_is_frozen() {
+        let bytes = encode_device(&device_record()).unwrap();
+        let golden = concat!(
+            "0101010470692d3705302e312e302436663163326139652d346237642d346530612d396333662d30",
+            "30303030303030303030370470692d371e44656269616e20474e552f4c696e75782031322028626f",
+            "6f6b776f726d2911362e362e33312b7270742d7270692d76380761617263683634011e5261737062",
+            "657272792050692034204d6f64656c20422052657620312e34904e010473686f70020470696e6706",
+            "7265626f6f74017d000000e087ed0100000000000180080000000080870101809a95a3ad33030101",
+            "0380870102010180d8bdf3ac3301000000000000f83f",
+        );
+        assert_eq!(hex::encode(&bytes), golden, "device record layout changed");
     }
 
     #[tokio::test(flavor = "multi_thread")]
