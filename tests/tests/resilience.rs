@@ -307,6 +307,8 @@ enum Seen {
     Welcome { generation: u64, hello_sent: Instant },
     /// A ping (tungstenite answers it while reading).
     Ping,
+    /// An unsolicited pong: a keep-alive that needs no answer.
+    Pong,
     /// Some other message.
     Other(String),
     /// A close frame.
@@ -361,6 +363,7 @@ impl Background {
                                     Err(e) => Seen::Other(format!("undecodable message: {e}")),
                                 },
                                 Some(Ok(Message::Ping(_))) => Seen::Ping,
+                                Some(Ok(Message::Pong(_))) => Seen::Pong,
                                 Some(Ok(Message::Close(f))) => {
                                     Seen::Closed(f.map(|f| (u16::from(f.code), f.reason.to_string())))
                                 }
@@ -427,6 +430,36 @@ impl Background {
     fn pings(&mut self) -> usize {
         self.drain();
         self.seen.iter().filter(|s| matches!(s, Seen::Ping)).count()
+    }
+
+    /// Waits until `n` keep-alives arrived (or `timeout`); returns them in
+    /// order: `P` a ping, `U` an unsolicited pong.
+    fn keepalives_at_least(&mut self, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.keepalives();
+            if seen.len() >= n {
+                return seen;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(s) => self.seen.push(s),
+                Err(_) => panic!("{n} keep-alives not seen within {timeout:?}: {seen}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// The keep-alives so far, in order: `P` a ping, `U` an unsolicited pong.
+    fn keepalives(&mut self) -> String {
+        self.drain();
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Ping => Some('P'),
+                Seen::Pong => Some('U'),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -794,6 +827,11 @@ fn silent_device_goes_offline_within_offline_after_while_its_connection_stays_op
     assert_eq!(d["connected"], true, "{d}");
     assert!(conn.pings() >= 1, "the collector never pinged the silent connection");
     assert!(d["link"]["rtt_ms"].is_number(), "our pongs should have given an RTT: {d}");
+    // The first keep-alive is a ping (an RTT early); then two unsolicited
+    // pongs (no answer needed) for every ping.
+    let keepalives = conn.keepalives_at_least(4, Duration::from_secs(10));
+    assert!(keepalives.starts_with("PUUP"), "keep-alives in order: {keepalives}");
+    conn.assert_open("kept alive by unsolicited pongs");
     let evs = events(&f.collector, id);
     let last = evs.last().unwrap_or_else(|| panic!("no events for `{id}`"));
     assert!(last["kind"] == "offline" && last["reason"] == "silent", "last event of `{id}`: {evs:?}");

@@ -178,7 +178,7 @@ impl Follow {
     async fn next_event(&mut self) -> Event {
         loop {
             if self.sent.is_some() {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep_until(next_tick(Instant::now()).into()).await;
             }
             let page = self.pages.get(&self.query);
             let event = match &self.sent {
@@ -207,6 +207,17 @@ impl Follow {
     }
 }
 
+/// Streams tick on whole seconds of one process-wide clock, so the streams
+/// of the same page ask for it within one [`FRESH`] window and share one
+/// build (ticking a second after each one's own start, five streams of one
+/// page built it about twice a second instead of once).
+fn next_tick(now: Instant) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| now);
+    let since = now.saturating_duration_since(origin);
+    origin + Duration::from_secs(since.as_secs() + 1)
+}
+
 /// Whether two pages hold the same devices in the same places.
 fn same_rows(a: &Page, b: &Page) -> bool {
     a.offset == b.offset && a.rows.len() == b.rows.len() && a.rows.iter().zip(&b.rows).all(|(x, y)| x.id == y.id)
@@ -214,4 +225,25 @@ fn same_rows(a: &Page, b: &Page) -> bool {
 
 fn json_event(name: &str, data: &impl Serialize) -> Event {
     Event::default().event(name).data(serde_json::to_string(data).unwrap_or_else(|_| "{}".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_tick_together() {
+        let start = Instant::now();
+        let first = next_tick(start);
+        assert!(first > start && first - start <= Duration::from_secs(1));
+        // Streams opened at other moments of the same second tick with it...
+        for ms in [1, 250, 700, 999] {
+            let t = start + Duration::from_millis(ms);
+            if t < first {
+                assert_eq!(next_tick(t), first, "opened {ms} ms later");
+            }
+        }
+        // ...and a tick asked for at a tick is the next one, a second on.
+        assert_eq!(next_tick(first), first + Duration::from_secs(1));
+    }
 }

@@ -268,6 +268,7 @@ pub async fn serve(gw: &Gateway, live: Live) {
     let mut silent_at = Instant::now() + offline_after;
     let mut armed = true;
     let mut ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
+    let mut keepalives: u32 = 0;
     let grid = Timer::grid(interval);
     let timer = tokio::time::sleep_until(Timer::on_grid(ping_at.min(silent_at), grid));
     tokio::pin!(timer);
@@ -343,10 +344,20 @@ pub async fn serve(gw: &Gateway, live: Live) {
                     gw.fleet.offline(&device, generation, Reason::Silent);
                 }
                 // Keep the agent's silence timer fed (it gives up after
-                // SILENCE_INTERVALS = 3 intervals without a word) and measure
-                // the RTT: a ping when nothing went out for two intervals.
+                // SILENCE_INTERVALS = 3 intervals without a word): a
+                // keep-alive when nothing went out for two intervals. Every
+                // RTT_EVERY-th one (the first included) is a ping, whose pong
+                // measures the round trip; the others are unsolicited pongs,
+                // which need no answer (RFC 6455 5.5.3): one frame on the
+                // device's link instead of two, and nothing to read here.
                 if now >= ping_at {
-                    if ws.send(Message::Ping(now_us().to_be_bytes().to_vec().into())).await.is_err() {
+                    let frame = if keepalives.is_multiple_of(RTT_EVERY) {
+                        Message::Ping(now_us().to_be_bytes().to_vec().into())
+                    } else {
+                        Message::Pong(Default::default())
+                    };
+                    keepalives = keepalives.wrapping_add(1);
+                    if ws.send(frame).await.is_err() {
                         break End::gone();
                     }
                     ping_at = Instant::now() + interval * PING_AFTER_INTERVALS;
@@ -379,6 +390,11 @@ pub async fn serve(gw: &Gateway, live: Live) {
 /// The collector pings a device after this many intervals in which it sent
 /// it nothing (the agent gives up after 3).
 const PING_AFTER_INTERVALS: u32 = 2;
+
+/// One keep-alive in this many is a ping (the round trip is measured); the
+/// others are unsolicited pongs. At a 10 s interval a quiet device's RTT is
+/// refreshed every minute.
+const RTT_EVERY: u32 = 3;
 
 /// Connection timers on a coarse grid: a deadline is rounded up to the
 /// next multiple of a grid step (an eighth of the interval, at most 50 ms)
