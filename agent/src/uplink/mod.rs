@@ -168,7 +168,7 @@ impl Dialer {
     /// names, are not available to it. Says so when such a name fails.
     fn explain(&self, e: std::io::Error) -> std::io::Error {
         let host = self.url.host.trim_end_matches('.');
-        if cfg!(target_env = "musl") && host.ends_with(".local") && host.parse::<std::net::IpAddr>().is_err() {
+        if cfg!(target_env = "musl") && host.ends_with(".local") {
             return std::io::Error::new(
                 e.kind(),
                 format!(

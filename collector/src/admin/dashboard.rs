@@ -178,7 +178,7 @@ impl Follow {
     async fn next_event(&mut self) -> Event {
         loop {
             if self.sent.is_some() {
-                tokio::time::sleep_until(next_tick(Instant::now()).into()).await;
+                tokio::time::sleep_until(next_tick(tokio::time::Instant::now())).await;
             }
             let page = self.pages.get(&self.query);
             let event = match &self.sent {
@@ -207,15 +207,13 @@ impl Follow {
     }
 }
 
-/// Streams tick on whole seconds of one process-wide clock, so the streams
-/// of the same page ask for it within one [`FRESH`] window and share one
-/// build (ticking a second after each one's own start, five streams of one
-/// page built it about twice a second instead of once).
-fn next_tick(now: Instant) -> Instant {
-    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let origin = *ORIGIN.get_or_init(|| now);
-    let since = now.saturating_duration_since(origin);
-    origin + Duration::from_secs(since.as_secs() + 1)
+/// Streams tick on whole seconds of the process-wide grid
+/// ([`crate::clock::on_grid`]), so the streams of the same page ask for it
+/// within one [`FRESH`] window and share one build (ticking a second after
+/// each one's own start, five streams of one page built it about twice a
+/// second instead of once).
+fn next_tick(now: tokio::time::Instant) -> tokio::time::Instant {
+    crate::clock::on_grid(now + Duration::from_nanos(1), Duration::from_secs(1))
 }
 
 /// Whether two pages hold the same devices in the same places.
@@ -233,6 +231,7 @@ mod tests {
 
     #[test]
     fn streams_tick_together() {
+        use tokio::time::Instant;
         let start = Instant::now();
         let first = next_tick(start);
         assert!(first > start && first - start <= Duration::from_secs(1));

@@ -411,12 +411,7 @@ impl Timer {
     }
 
     fn on_grid(deadline: Instant, grid: Duration) -> Instant {
-        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        let origin = *ORIGIN.get_or_init(Instant::now);
-        let since = deadline.saturating_duration_since(origin).as_nanos();
-        let step = grid.as_nanos().max(1);
-        let steps = since.div_ceil(step);
-        origin + Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
+        crate::clock::on_grid(deadline, grid)
     }
 }
 

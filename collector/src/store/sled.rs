@@ -57,11 +57,11 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        tree,
-        key: String::from_utf8_lossy(key).into_owned(),
-        error: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| corrupt(tree, key, e))
+}
+
+fn corrupt(tree: &'static str, key: &[u8], error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { tree, key: String::from_utf8_lossy(key).into_owned(), error: error.to_string() }
 }
 
 /// Format tag of a device record stored as postcard. Device records are
@@ -78,11 +78,7 @@ fn encode_device(rec: &DeviceRecord) -> Result<Vec<u8>> {
 
 fn decode_device(key: &[u8], bytes: &[u8]) -> Result<DeviceRecord> {
     match bytes.split_first() {
-        Some((&DEVICE_RECORD_POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| StoreError::Corrupt {
-            tree: "devices",
-            key: String::from_utf8_lossy(key).into_owned(),
-            error: e.to_string(),
-        }),
+        Some((&DEVICE_RECORD_POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt("devices", key, e)),
         _ => decode("devices", key, bytes),
     }
 }
