@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AdminState;
 use crate::auth;
-use crate::fleet::page::{Counts, Page, PageQuery, Row, Summary};
+use crate::fleet::page::{Counts, Page, PageQuery, Row};
 use crate::fleet::Fleet;
 
 /// Name of the session cookie.
@@ -83,7 +83,7 @@ pub async fn login(State(state): State<AdminState>, Form(form): Form<Login>) -> 
 /// `GET /v1/fleet?q=&tag=&state=&device=&offset=&limit=`: one page of the
 /// fleet table ([`Page`]), as the stream's first event carries it.
 pub async fn fleet_page(State(state): State<AdminState>, Query(query): Query<PageQuery>) -> Json<Page> {
-    Json(state.fleet.page(&query, None))
+    Json(state.fleet.page(&query))
 }
 
 /// `GET /v1/stream?q=&tag=&state=&device=&offset=&limit=`: the fleet table,
@@ -115,44 +115,30 @@ const FRESH: Duration = Duration::from_millis(500);
 
 /// Pages built in the last [`FRESH`], shared by the streams that show the
 /// same page (a wall of screens, several operators on the first page): one
-/// page build a tick however many of them are open. The fleet-wide part
-/// (counts, tags: one pass over every device) is shared by all pages.
+/// page build a tick however many of them are open.
 pub struct Pages {
     fleet: Arc<Fleet>,
-    recent: Mutex<Recent>,
-}
-
-#[derive(Default)]
-struct Recent {
-    pages: HashMap<PageQuery, (Instant, Arc<Page>)>,
-    summary: Option<(Instant, Summary)>,
+    recent: Mutex<HashMap<PageQuery, (Instant, Arc<Page>)>>,
 }
 
 impl Pages {
     /// Pages of `fleet`.
     pub fn new(fleet: Arc<Fleet>) -> Pages {
-        Pages { fleet, recent: Mutex::new(Recent::default()) }
+        Pages { fleet, recent: Mutex::new(HashMap::new()) }
     }
 
     /// The page for `query`, built now or in the last [`FRESH`].
     fn get(&self, query: &PageQuery) -> Arc<Page> {
         let now = Instant::now();
-        let fresh = |built: &Instant| now.duration_since(*built) < FRESH;
-        let summary = {
+        {
             let mut recent = self.recent.lock().expect("pages lock");
-            recent.pages.retain(|_, (built, _)| fresh(built));
-            if let Some((_, page)) = recent.pages.get(query) {
+            recent.retain(|_, (built, _)| now.duration_since(*built) < FRESH);
+            if let Some((_, page)) = recent.get(query) {
                 return page.clone();
             }
-            recent.summary.as_ref().filter(|(built, _)| fresh(built)).map(|(_, s)| s.clone())
-        };
-        let reused = summary.is_some();
-        let page = Arc::new(self.fleet.page(query, summary));
-        let mut recent = self.recent.lock().expect("pages lock");
-        if !reused {
-            recent.summary = Some((now, page.summary.clone()));
         }
-        recent.pages.insert(query.clone(), (now, page.clone()));
+        let page = Arc::new(self.fleet.page(query));
+        self.recent.lock().expect("pages lock").insert(query.clone(), (now, page.clone()));
         page
     }
 }

@@ -140,6 +140,9 @@ struct State {
     /// Device ids sorted, for dashboard pages: built by the first page
     /// asked for, dropped when a device is enrolled or removed.
     sorted: Option<Vec<String>>,
+    /// Devices by state and tags, kept in step with every change of either
+    /// (every site that changes a device's state or tags tells it).
+    tally: page::Tally,
 }
 
 impl State {
@@ -284,6 +287,7 @@ impl Fleet {
                     apply_owner(d, &id, &owner, &fleet.node);
                 }
             }
+            state.tally = page::Tally::of(&state.devices);
         }
         Ok(fleet)
     }
@@ -426,7 +430,8 @@ impl Fleet {
     pub fn connect(&self, id: &str, hello: Hello, tx: OutboundTx, generation: u64) -> Result<Accepted, Refused> {
         let now = now_ms();
         let offline_after = self.config.offline_after(id, Duration::from_millis(u64::from(hello.interval_ms)));
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let d = state.devices.get_mut(id).ok_or(Refused::Revoked)?;
         // Equal is this very claim, echoed back by the store's watch before
         // the Hello got here (each generation is claimed exactly once).
@@ -440,10 +445,13 @@ impl Fleet {
                 Reason::Replaced,
             ));
         }
+        // A new Hello may bring other tags.
+        state.tally.leave(d);
         d.conn = Some(Conn { generation, tx });
         d.owner = Some(self.node.clone());
         d.minute = None;
         let fx = liveness::connected(id, &mut d.record, hello, generation, now);
+        state.tally.enter(d);
         info!(device = id, generation, "online");
         state.absorb(fx);
         state.mark_dirty(id);
@@ -455,12 +463,15 @@ impl Fleet {
     /// connection is no longer the device's current one.
     pub fn pulse(&self, id: &str, generation: u64, pulse: Pulse) -> bool {
         let now = now_ms();
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let Some(d) = state.devices.get_mut(id) else { return false };
         if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
             return false;
         }
+        let was = d.state();
         let fx = liveness::pulsed(id, &mut d.record, generation, &pulse, now);
+        state.tally.moved(was, d.state());
         let minute = (now / 60_000) as u32;
         let finished = match &mut d.minute {
             Some(acc) => acc.add(minute, &pulse.health),
@@ -498,18 +509,21 @@ impl Fleet {
     /// whether the connection was the device's current one (then the
     /// caller releases it in the store).
     pub fn offline(&self, id: &str, generation: u64, reason: Reason) -> bool {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let Some(d) = state.devices.get_mut(id) else { return false };
         // Ordered by generation: an older connection cannot mark a newer
         // one offline.
         if d.record.generation != generation {
             return false;
         }
+        let was = d.state();
         if reason != Reason::Silent && d.conn.as_ref().is_some_and(|c| c.generation == generation) {
             d.conn = None;
             d.owner = None;
         }
         let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
+        state.tally.moved(was, d.state());
         if !fx.events.is_empty() {
             info!(device = id, generation, %reason, "offline");
         }
@@ -520,28 +534,44 @@ impl Fleet {
 
     /// Applies a change made by another node of the cluster.
     pub fn apply(&self, change: &Change) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         match change {
             Change::Enrolled(e) => {
                 let same = state.devices.get(&e.device).is_some_and(|d| d.enrolment == *e);
                 if !same {
-                    apply_enrolment(&mut state, e.clone());
+                    apply_enrolment(state, e.clone());
                 }
             }
             Change::Removed(id) => {
-                apply_removal(&mut state, id);
+                apply_removal(state, id);
             }
             Change::Device(id, record) => {
                 let Some(d) = state.devices.get_mut(id) else { return };
                 // The node holding the connection writes the record; this
                 // node's copy wins while it holds it.
                 if d.conn.is_none() && record.generation >= d.record.generation {
+                    fn tags(r: &DeviceRecord) -> &[String] {
+                        r.hello.as_ref().map(|h| h.tags.as_slice()).unwrap_or_default()
+                    }
+                    let retag = tags(&d.record) != tags(record);
+                    let was = d.state();
+                    if retag {
+                        state.tally.leave(d);
+                    }
                     d.record = record.clone();
+                    if retag {
+                        state.tally.enter(d);
+                    } else {
+                        state.tally.moved(was, d.state());
+                    }
                 }
             }
             Change::Owner(id, owner) => {
                 if let Some(d) = state.devices.get_mut(id) {
+                    let was = d.state();
                     apply_owner(d, id, owner, &self.node);
+                    state.tally.moved(was, d.state());
                 }
             }
             Change::Bell(_) | Change::Node(_) | Change::Resynced(_) => {}
@@ -552,11 +582,13 @@ impl Fleet {
     /// `reason` (a lost collector), recording the event here: the caller
     /// won the compare-and-set that ended it, so no other node records it.
     pub fn ended_elsewhere(&self, id: &str, generation: u64, reason: Reason) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let Some(d) = state.devices.get_mut(id) else { return };
         if d.conn.is_some() || d.record.generation > generation || d.ended_elsewhere >= generation {
             return;
         }
+        let was = d.state();
         d.ended_elsewhere = generation;
         d.record.generation = generation;
         d.owner = None;
@@ -564,6 +596,7 @@ impl Fleet {
         // written that back): the rule records exactly one offline event.
         d.record.online = true;
         let fx = liveness::ended(id, &mut d.record, generation, reason, now_ms());
+        state.tally.moved(was, d.state());
         info!(device = id, generation, %reason, "offline");
         state.absorb(fx);
         state.mark_dirty(id);
@@ -601,9 +634,8 @@ impl Fleet {
     /// Enrolled devices and how many of them are online, without building
     /// a view of each (the stats endpoint is polled at fleet scale).
     pub fn counts(&self) -> (usize, usize) {
-        let state = self.lock();
-        let online = state.devices.values().filter(|d| d.record.online && d.owner.is_some()).count();
-        (state.devices.len(), online)
+        let counts = self.lock().tally.counts();
+        (counts.devices, counts.online)
     }
 
     /// Connections this node holds.
@@ -632,20 +664,20 @@ impl Fleet {
         views
     }
 
-    /// One page of the fleet table (the dashboard), with fleet-wide counts
-    /// and tags: `summary` when given (recent enough for the caller), else
-    /// counted now.
-    pub fn page(&self, query: &page::PageQuery, summary: Option<page::Summary>) -> page::Page {
+    /// One page of the fleet table (the dashboard), with the fleet-wide
+    /// counts and tags.
+    pub fn page(&self, query: &page::PageQuery) -> page::Page {
         let now = now_ms();
         let mut guard = self.lock();
-        let State { devices, sorted, .. } = &mut *guard;
+        let State { devices, sorted, tally, .. } = &mut *guard;
+        // Every test that builds a page checks the tally against a count.
+        debug_assert_eq!(*tally, page::Tally::of(devices), "the tally drifted from the fleet");
         let ids = sorted.get_or_insert_with(|| {
             let mut ids: Vec<String> = devices.keys().cloned().collect();
             ids.sort_unstable();
             ids
         });
-        let summary = summary.unwrap_or_else(|| page::summary(devices));
-        page::build(devices, ids, query, now, summary)
+        page::build(devices, ids, query, now, tally.summary())
     }
 
     /// View of one device.
@@ -685,7 +717,8 @@ impl Fleet {
     /// devices offline for `reason` (graceful shutdown, or cut off from
     /// the cluster). Returns the connections closed, to release.
     pub fn close_all(&self, code: u16, text: &str, reason: Reason) -> Vec<(String, u64)> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let now = now_ms();
         let mut fx = Effects::default();
         let mut closed = vec![];
@@ -698,8 +731,10 @@ impl Fleet {
             }
             let Some(conn) = d.conn.take() else { continue };
             let _ = conn.tx.try_send(Outbound::Close(code, text.into(), reason));
+            let was = d.state();
             d.owner = None;
             let e = liveness::ended(id, &mut d.record, conn.generation, reason, now);
+            state.tally.moved(was, d.state());
             fx.events.extend(e.events);
             fx.alerts.extend(e.alerts);
             closed.push((id.clone(), conn.generation));
@@ -729,7 +764,10 @@ fn apply_enrolment(state: &mut State, e: Enrolment) {
     match state.devices.get_mut(&id) {
         Some(d) => {
             // Rotation: the old token stops working, its connection too.
+            // The new enrolment may carry other tags.
+            state.tally.leave(d);
             let old_key = std::mem::replace(&mut d.enrolment, e).key_id;
+            state.tally.enter(d);
             if let Some(conn) = &d.conn {
                 let _ = conn.tx.try_send(Outbound::Close(close::REVOKED, "token rotated".into(), Reason::Revoked));
             }
@@ -738,7 +776,9 @@ fn apply_enrolment(state: &mut State, e: Enrolment) {
             }
         }
         None => {
-            state.devices.insert(id, Device::new(e, DeviceRecord::default()));
+            let d = Device::new(e, DeviceRecord::default());
+            state.tally.enter(&d);
+            state.devices.insert(id, d);
             state.sorted = None;
         }
     }
@@ -746,6 +786,7 @@ fn apply_enrolment(state: &mut State, e: Enrolment) {
 
 fn apply_removal(state: &mut State, id: &str) -> bool {
     let Some(mut d) = state.devices.remove(id) else { return false };
+    state.tally.leave(&d);
     state.sorted = None;
     state.keys.remove(&d.enrolment.key_id);
     if let Some(conn) = &d.conn {

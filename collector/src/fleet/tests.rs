@@ -149,3 +149,51 @@ async fn in_a_cluster_pulses_wait_for_the_sync_interval_but_liveness_does_not() 
     let b = f.take_batch(true);
     assert_eq!((b.records.len(), b.complete), (1, true), "shutdown writes everything");
 }
+
+/// The dashboard's counts and tags are kept as devices change, not counted:
+/// after every kind of change they equal a count of the fleet.
+#[tokio::test]
+async fn the_tally_follows_every_change() {
+    let (f, _store) = fleet("n1").await;
+    let summary = |f: &Fleet| {
+        let state = f.lock();
+        assert_eq!(state.tally, page::Tally::of(&state.devices), "the tally drifted from the fleet");
+        let s = state.tally.summary();
+        ((s.counts.devices, s.counts.online, s.counts.offline, s.counts.never_seen), s.tags)
+    };
+    let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    f.enroll(&["d2".to_string(), "d3".to_string()], false).await.unwrap();
+    f.enroll_new("d4", tags(&["kiosk", "t"]), "pk").await.unwrap();
+    assert_eq!(summary(&f), ((4, 0, 0, 4), tags(&["kiosk", "t"])));
+
+    let (g1, _rx1) = connect(&f, "d1").await;
+    let (g4, _rx4) = connect(&f, "d4").await; // its Hello repeats tag "t"
+    assert_eq!(summary(&f), ((4, 2, 0, 2), tags(&["kiosk", "t"])));
+    assert!(f.offline("d1", g1, Reason::Silent));
+    assert_eq!(summary(&f).0, (4, 1, 1, 2));
+    assert!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }), "back from silence");
+    assert_eq!(summary(&f).0, (4, 2, 0, 2));
+
+    // Another node's device, its owner, and that owner's loss.
+    let mut remote = hello("d2");
+    remote.tags = tags(&["remote"]);
+    let record =
+        DeviceRecord { online: true, generation: 3, last_seen_ms: Some(1), hello: Some(remote), ..Default::default() };
+    f.apply(&Change::Device("d2".into(), record));
+    assert_eq!(summary(&f), ((4, 2, 1, 1), tags(&["kiosk", "remote", "t"])));
+    f.apply(&Change::Owner("d2".into(), Owner { node: Some("n2".into()), generation: 3, at_ms: 0, reason: None }));
+    assert_eq!(summary(&f).0, (4, 3, 0, 1));
+    f.ended_elsewhere("d2", 3, Reason::CollectorLost);
+    assert_eq!(summary(&f).0, (4, 2, 1, 1));
+
+    // A rotated enrolment without the tag, a removal, a shutdown.
+    let rotated = Enrolment { tags: vec![], ..f.lock().devices["d4"].enrolment.clone() };
+    f.apply(&Change::Enrolled(rotated));
+    assert_eq!(summary(&f), ((4, 2, 1, 1), tags(&["remote", "t"])));
+    assert!(f.revoke("d2").await.unwrap());
+    assert_eq!(summary(&f), ((3, 2, 0, 1), tags(&["t"])));
+    assert!(f.offline("d4", g4, Reason::Disconnected));
+    assert_eq!(f.close_all(close::GOING_AWAY, "bye", Reason::CollectorShutdown).len(), 1);
+    assert_eq!(summary(&f).0, (3, 0, 2, 1));
+    assert_eq!(f.counts(), (3, 0));
+}
