@@ -6,7 +6,8 @@ for the same window, then DASHBOARDS streams of different pages, the bytes
 each stream carries after its first event,
 and `/metrics` and `GET /v1/devices`: bytes and time per request.
 
-Usage: operators-view.py ADMIN_URL TOKEN COLLECTOR_PID [DASHBOARDS] [WINDOW_S]
+Usage: [ROUNDS=3] operators-view.py ADMIN_URL TOKEN COLLECTOR_PID [DASHBOARDS] [WINDOW_S]
+The three CPU windows alternate for ROUNDS rounds; the figures are medians.
 Prints one JSON object.
 """
 import http.client
@@ -77,11 +78,13 @@ def follow(path, until, out):
     out.append({"first": first, "bytes_after_first": after, "events_after_first": events, "kinds": kinds})
 
 
-# 1. No dashboard.
-c0, t0 = cpu_seconds(), time.monotonic()
-time.sleep(window)
-c1, t1 = cpu_seconds(), time.monotonic()
-idle_cores = (c1 - c0) / (t1 - t0)
+def no_dashboard():
+    """Collector cores over the window with no dashboard open."""
+    c0, t0 = cpu_seconds(), time.monotonic()
+    time.sleep(window)
+    c1, t1 = cpu_seconds(), time.monotonic()
+    return (c1 - c0) / (t1 - t0)
+
 
 def open_streams(paths):
     """Streams of `paths` open for the window: (collector cores, stats)."""
@@ -108,11 +111,22 @@ def open_streams(paths):
     }
 
 
-# 2. DASHBOARDS streams of the first page (what a browser opens first),
-# then DASHBOARDS streams of as many different pages (nothing shared but
-# the fleet-wide counts).
-open_cores, same = open_streams(["/v1/stream"] * dashboards)
-apart_cores, apart = open_streams(["/v1/stream?offset=%d" % (100 * i) for i in range(dashboards)])
+# 1-2. ROUNDS rounds of three windows: no dashboard, DASHBOARDS streams of
+# the first page (what a browser opens first), DASHBOARDS streams of as many
+# different pages (nothing shared but the fleet-wide counts). The windows
+# alternate and each figure is the median over the rounds: this machine's
+# speed drifts by ±10-15 % within minutes, as much as the effect measured,
+# and one window of each in a row would read that drift as the dashboards'.
+rounds = int(os.environ.get("ROUNDS", "3"))
+idle, opened, apart_runs = [], [], []
+for _ in range(rounds):
+    idle.append(no_dashboard())
+    opened.append(open_streams(["/v1/stream"] * dashboards))
+    apart_runs.append(open_streams(["/v1/stream?offset=%d" % (100 * i) for i in range(dashboards)]))
+idle_cores = statistics.median(idle)
+open_cores = statistics.median(c for c, _ in opened)
+apart_cores = statistics.median(c for c, _ in apart_runs)
+same, apart = opened[-1][1], apart_runs[-1][1]
 
 # 3. /metrics and the full device list, one request at a time.
 metrics = [request("/metrics") for _ in range(5)]
@@ -122,6 +136,8 @@ page = [request("/v1/fleet") for _ in range(5)]
 print(json.dumps({
     "dashboards": dashboards,
     "window_seconds": window,
+    "rounds": rounds,
+    "cores_by_round": {"none": idle, "same_page": [c for c, _ in opened], "five_pages": [c for c, _ in apart_runs]},
     "cores_no_dashboard": idle_cores,
     "cores_with_dashboards": open_cores,
     "cores_with_dashboards_apart": apart_cores,
