@@ -314,6 +314,67 @@ async fn execute(
     timeout: Duration,
     cancel: oneshot::Receiver<()>,
 ) -> BellReport {
+    // A dropped sender is no cancel.
+    let cancel = async {
+        if cancel.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let run = match run_program(argv, env, timeout, cancel, MAX_OUTPUT).await {
+        Ok(run) => run,
+        Err(e) => return report(id, BellState::Failed, Some(format!("cannot start `{}`: {e}", argv[0]))),
+    };
+    let (state, reason, status) = match run.ended {
+        Ended::Exited(s) if s.success() => (BellState::Succeeded, None, Some(s)),
+        Ended::Exited(s) => (BellState::Failed, Some(describe_exit(&s)), Some(s)),
+        Ended::WaitFailed(e) => (BellState::Failed, Some(format!("wait failed: {e}")), None),
+        Ended::TimedOut => {
+            (BellState::TimedOut, Some(format!("ran longer than {}", humantime::format_duration(timeout))), None)
+        }
+        Ended::Cancelled => (BellState::Cancelled, Some("cancelled by the operator".into()), None),
+    };
+    BellReport { id, state, exit_code: status.and_then(|s| s.code()), output: run.output, duration_ms: 0, reason }
+}
+
+/// How a program run by [`run_program`] ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// It exited (or was killed by a signal it did not get from us).
+    Exited(std::process::ExitStatus),
+    /// Waiting for it failed.
+    WaitFailed(std::io::Error),
+    /// It ran past its timeout and its process group was stopped.
+    TimedOut,
+    /// It was cancelled and its process group was stopped.
+    Cancelled,
+}
+
+/// What [`run_program`] saw.
+#[derive(Debug)]
+pub(crate) struct ProgramRun {
+    /// How it ended.
+    pub ended: Ended,
+    /// The last `max_output` bytes of combined stdout and stderr.
+    pub output: String,
+    /// The first [`STDOUT_HEAD`] bytes of stdout alone (a Nagios plugin's
+    /// status line is its first line of stdout).
+    pub stdout_head: String,
+}
+
+/// How much of stdout's start [`run_program`] keeps apart.
+pub(crate) const STDOUT_HEAD: usize = 1024;
+
+/// The way the agent runs any program (actions, command checks): `argv`
+/// directly (no shell), in its own process group, stdin from /dev/null,
+/// output captured. On `timeout` or when `cancel` completes, SIGTERM to the
+/// group, SIGKILL after [`KILL_GRACE`]. `Err` only when it cannot start.
+pub(crate) async fn run_program(
+    argv: &[String],
+    env: &[(String, String)],
+    timeout: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+    max_output: usize,
+) -> std::io::Result<ProgramRun> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -322,40 +383,41 @@ async fn execute(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return report(id, BellState::Failed, Some(format!("cannot start `{}`: {e}", argv[0]))),
-    };
+    let mut child = cmd.spawn()?;
     let pgid = child.id().and_then(|pid| Pid::from_raw(pid as i32));
-    let tail = Arc::new(Mutex::new(Tail::default()));
+    let captured = Arc::new(Mutex::new(Captured { tail: Tail::with_limit(max_output), stdout_head: Vec::new() }));
     let readers = [
-        child.stdout.take().map(|s| tokio::spawn(capture(s, tail.clone()))),
-        child.stderr.take().map(|s| tokio::spawn(capture(s, tail.clone()))),
+        child.stdout.take().map(|s| tokio::spawn(capture(s, captured.clone(), true))),
+        child.stderr.take().map(|s| tokio::spawn(capture(s, captured.clone(), false))),
     ];
-    let (state, reason, status) = tokio::select! {
+    let ended = tokio::select! {
         status = child.wait() => match status {
-            Ok(s) if s.success() => (BellState::Succeeded, None, Some(s)),
-            Ok(s) => (BellState::Failed, Some(describe_exit(&s)), Some(s)),
-            Err(e) => (BellState::Failed, Some(format!("wait failed: {e}")), None),
+            Ok(s) => Ended::Exited(s),
+            Err(e) => Ended::WaitFailed(e),
         },
         () = tokio::time::sleep(timeout) => {
             stop_group(pgid, &mut child).await;
-            (BellState::TimedOut, Some(format!("ran longer than {}", humantime::format_duration(timeout))), None)
+            Ended::TimedOut
         }
-        Ok(()) = cancel => {
+        () = cancel => {
             stop_group(pgid, &mut child).await;
-            (BellState::Cancelled, Some("cancelled by the operator".into()), None)
+            Ended::Cancelled
         }
     };
     // Children may keep the pipes open; don't wait on them forever.
     for reader in readers.into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
     }
-    let output = tail.lock().expect("tail lock").to_string();
-    BellReport { id, state, exit_code: status.and_then(|s| s.code()), output, duration_ms: 0, reason }
+    let captured = captured.lock().expect("capture lock");
+    Ok(ProgramRun {
+        ended,
+        output: captured.tail.to_string(),
+        stdout_head: String::from_utf8_lossy(&captured.stdout_head).into_owned(),
+    })
 }
 
-fn describe_exit(status: &std::process::ExitStatus) -> String {
+/// "exited with status 2", "killed by signal 9".
+pub(crate) fn describe_exit(status: &std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
@@ -378,17 +440,27 @@ async fn stop_group(pgid: Option<Pid>, child: &mut tokio::process::Child) {
     let _ = child.kill().await;
 }
 
-/// The last [`MAX_OUTPUT`] bytes of combined output.
-#[derive(Default)]
+/// The last `limit` bytes of combined output ([`MAX_OUTPUT`] by default).
 struct Tail {
     buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Default for Tail {
+    fn default() -> Self {
+        Tail::with_limit(MAX_OUTPUT)
+    }
 }
 
 impl Tail {
+    fn with_limit(limit: usize) -> Self {
+        Tail { buf: Vec::new(), limit }
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-        if self.buf.len() > MAX_OUTPUT {
-            self.buf.drain(..self.buf.len() - MAX_OUTPUT);
+        if self.buf.len() > self.limit {
+            self.buf.drain(..self.buf.len() - self.limit);
         }
     }
 }
@@ -396,9 +468,9 @@ impl Tail {
 impl std::fmt::Display for Tail {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let text = String::from_utf8_lossy(&self.buf);
-        // Lossy decoding can grow the text; keep the last MAX_OUTPUT bytes
-        // at a char boundary.
-        let mut start = text.len().saturating_sub(MAX_OUTPUT);
+        // Lossy decoding can grow the text; keep the last `limit` bytes at
+        // a char boundary.
+        let mut start = text.len().saturating_sub(self.limit);
         while !text.is_char_boundary(start) {
             start += 1;
         }
@@ -406,13 +478,24 @@ impl std::fmt::Display for Tail {
     }
 }
 
-async fn capture(mut pipe: impl AsyncRead + Unpin, tail: Arc<Mutex<Tail>>) {
+/// Output captured from both pipes.
+struct Captured {
+    tail: Tail,
+    stdout_head: Vec<u8>,
+}
+
+async fn capture(mut pipe: impl AsyncRead + Unpin, captured: Arc<Mutex<Captured>>, stdout: bool) {
     let mut buf = [0u8; 1024];
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        tail.lock().expect("tail lock").push(&buf[..n]);
+        let mut c = captured.lock().expect("capture lock");
+        c.tail.push(&buf[..n]);
+        if stdout && c.stdout_head.len() < STDOUT_HEAD {
+            let take = n.min(STDOUT_HEAD - c.stdout_head.len());
+            c.stdout_head.extend_from_slice(&buf[..take]);
+        }
     }
 }
 

@@ -26,6 +26,20 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pulsebell-agent";
 /// Default action timeout.
 pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Default time between two runs of a check.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Default time limit of one run of a check.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default number of consecutive results that must agree before a check's
+/// status changes.
+pub const DEFAULT_CHECK_RETRIES: u32 = 1;
+
+/// Shortest interval between two runs of a check (the pulse's shortest
+/// interval too).
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(pulsebell_proto::MIN_INTERVAL_MS as u64);
+
 /// Regex applied to parameters declared as a plain list of names: no
 /// whitespace, quotes, `;`, `|`, `$`, backticks or other shell syntax.
 pub const DEFAULT_PARAM_REGEX: &str = r"^[A-Za-z0-9._:/@+=-]{1,256}$";
@@ -58,6 +72,32 @@ pub mod keys {
     pub const STATE_DIR: &str = "state_dir";
     /// `actions`
     pub const ACTIONS: &str = "actions";
+    /// `checks`: application checks, one `[checks.NAME]` table each.
+    pub const CHECKS: &str = "checks";
+
+    /// Keys of one `[checks.NAME]` table.
+    pub mod check {
+        /// `unit`: a systemd unit's active state.
+        pub const UNIT: &str = "unit";
+        /// `command`: a Nagios-convention plugin's argv.
+        pub const COMMAND: &str = "command";
+        /// `http`: an `http://` or `https://` URL to GET.
+        pub const HTTP: &str = "http";
+        /// `tcp`: a `host:port` to connect to.
+        pub const TCP: &str = "tcp";
+        /// `process`: a process name that must be running.
+        pub const PROCESS: &str = "process";
+        /// The kind keys; a check sets exactly one.
+        pub const KINDS: [&str; 5] = [UNIT, COMMAND, HTTP, TCP, PROCESS];
+        /// `expect_status`: the HTTP status that is OK (with `http` only).
+        pub const EXPECT_STATUS: &str = "expect_status";
+        /// `interval`
+        pub const INTERVAL: &str = "interval";
+        /// `timeout`
+        pub const TIMEOUT: &str = "timeout";
+        /// `retries`
+        pub const RETRIES: &str = "retries";
+    }
 }
 
 /// A config problem: which key, and what is wrong with it.
@@ -113,6 +153,8 @@ struct RawConfig {
     disk_path: PathBuf,
     #[serde(default)]
     actions: BTreeMap<String, RawAction>,
+    #[serde(default)]
+    checks: BTreeMap<String, RawCheck>,
 }
 
 fn default_root() -> PathBuf {
@@ -131,6 +173,22 @@ struct RawAction {
     disruptive: bool,
     #[serde(default)]
     reboots: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    unit: Option<String>,
+    command: Option<Vec<String>>,
+    http: Option<String>,
+    tcp: Option<String>,
+    process: Option<String>,
+    expect_status: Option<u16>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration_opt")]
+    timeout: Option<Duration>,
+    retries: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -176,6 +234,94 @@ pub struct Action {
     pub reboots: bool,
 }
 
+/// One application check (`[checks.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSpec {
+    /// What it looks at.
+    pub target: CheckTarget,
+    /// Time between the starts of two runs.
+    pub interval: Duration,
+    /// Time limit of one run; a run that takes longer is UNKNOWN.
+    pub timeout: Duration,
+    /// Consecutive results that must agree on a new status before the
+    /// check's status changes (1: every change counts at once).
+    pub retries: u32,
+}
+
+impl CheckSpec {
+    /// The wire kind of [`CheckSpec::target`].
+    pub fn kind(&self) -> pulsebell_proto::CheckKind {
+        self.target.kind()
+    }
+}
+
+/// What a check looks at: one of the kind keys of `[checks.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckTarget {
+    /// `unit`: a systemd unit, e.g. `app.service`.
+    Unit(String),
+    /// `command`: argv of a Nagios-convention plugin (never a shell).
+    Command(Vec<String>),
+    /// `http` (and `expect_status`).
+    Http(HttpTarget),
+    /// `tcp`: where to connect.
+    Tcp(HostPort),
+    /// `process`: the name a running process must have (its `comm`, or the
+    /// file name of its argv\[0\]).
+    Process(String),
+}
+
+impl CheckTarget {
+    /// The wire kind.
+    pub fn kind(&self) -> pulsebell_proto::CheckKind {
+        use pulsebell_proto::CheckKind;
+        match self {
+            CheckTarget::Unit(_) => CheckKind::Unit,
+            CheckTarget::Command(_) => CheckKind::Command,
+            CheckTarget::Http(_) => CheckKind::Http,
+            CheckTarget::Tcp(_) => CheckKind::Tcp,
+            CheckTarget::Process(_) => CheckKind::Process,
+        }
+    }
+}
+
+/// A host (name or IP address, IPv6 without brackets) and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port, not 0.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// An HTTP check's request and what counts as OK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    /// The URL as written.
+    pub url: String,
+    /// `https://`: TLS, verified against the agent's trust (`ca_file`,
+    /// `ca_fingerprint` or the web PKI).
+    pub tls: bool,
+    /// Where to connect (port 80 or 443 unless the URL says).
+    pub addr: HostPort,
+    /// The `Host` header: the URL's authority.
+    pub host_header: String,
+    /// Path and query to GET (`/` when the URL has none).
+    pub path: String,
+    /// The one status that is OK; `None`: any 2xx.
+    pub expect_status: Option<u16>,
+}
+
 /// The validated agent config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -204,6 +350,8 @@ pub struct Config {
     pub disk_path: PathBuf,
     /// Allowlisted actions by name.
     pub actions: BTreeMap<String, Action>,
+    /// Application checks by name (at most [`pulsebell_proto::MAX_CHECKS`]).
+    pub checks: BTreeMap<String, CheckSpec>,
 }
 
 /// Where the device token is read from.
@@ -387,6 +535,17 @@ impl Config {
             let action = validate_action(&name, action)?;
             actions.insert(name, action);
         }
+        if raw.checks.len() > pulsebell_proto::MAX_CHECKS {
+            return Err(ConfigError::new(
+                keys::CHECKS,
+                format!("{} checks: at most {} are allowed", raw.checks.len(), pulsebell_proto::MAX_CHECKS),
+            ));
+        }
+        let mut checks = BTreeMap::new();
+        for (name, check) in raw.checks {
+            let check = validate_check(&name, check)?;
+            checks.insert(name, check);
+        }
         Ok(Config {
             collectors,
             device_id,
@@ -400,6 +559,7 @@ impl Config {
             root: raw.root,
             disk_path: raw.disk_path,
             actions,
+            checks,
         })
     }
 
@@ -561,6 +721,162 @@ fn validate_action(name: &str, raw: RawAction) -> Result<Action, ConfigError> {
         return Err(ConfigError::new(key(".timeout"), "must be more than 0"));
     }
     Ok(Action { command: raw.command, params, timeout, disruptive: raw.disruptive, reboots: raw.reboots })
+}
+
+fn validate_check(name: &str, raw: RawCheck) -> Result<CheckSpec, ConfigError> {
+    use keys::check as k;
+    let key = |sub: &str| format!("{}.{name}{sub}", keys::CHECKS);
+    if name.len() > pulsebell_proto::MAX_CHECK_NAME || !pulsebell_proto::valid_device_id(name) {
+        return Err(ConfigError::new(
+            key(""),
+            format!(
+                "`{name}` is not a valid check name: use 1 to {} letters, digits, '.', '_' or '-', not starting with '.' or '-'",
+                pulsebell_proto::MAX_CHECK_NAME
+            ),
+        ));
+    }
+    let given: Vec<&str> = [
+        (raw.unit.is_some(), k::UNIT),
+        (raw.command.is_some(), k::COMMAND),
+        (raw.http.is_some(), k::HTTP),
+        (raw.tcp.is_some(), k::TCP),
+        (raw.process.is_some(), k::PROCESS),
+    ]
+    .into_iter()
+    .filter_map(|(set, k)| set.then_some(k))
+    .collect();
+    let kinds = "`unit`, `command`, `http`, `tcp` or `process`";
+    match given.as_slice() {
+        [] => return Err(ConfigError::new(key(""), format!("says nothing to check: set one of {kinds}"))),
+        [_] => {}
+        [first, second, ..] => {
+            return Err(ConfigError::new(
+                key(&format!(".{second}")),
+                format!("set only one of {kinds} per check (found `{first}` and `{second}`)"),
+            ))
+        }
+    }
+    if raw.expect_status.is_some() && raw.http.is_none() {
+        return Err(ConfigError::new(key(&format!(".{}", k::EXPECT_STATUS)), "goes only with `http`"));
+    }
+    let target = if let Some(unit) = raw.unit {
+        let bad = unit.is_empty()
+            || unit.starts_with('-')
+            || unit.len() > pulsebell_proto::MAX_STRING
+            || !unit.bytes().all(|b| b.is_ascii_graphic());
+        if bad {
+            return Err(ConfigError::new(
+                key(&format!(".{}", k::UNIT)),
+                format!("`{unit}` is not a unit name (e.g. \"app.service\")"),
+            ));
+        }
+        CheckTarget::Unit(unit)
+    } else if let Some(command) = raw.command {
+        if command.is_empty() || command[0].is_empty() {
+            return Err(ConfigError::new(
+                key(&format!(".{}", k::COMMAND)),
+                "must name a program: command = [\"/path/to/plugin\", ...]",
+            ));
+        }
+        CheckTarget::Command(command)
+    } else if let Some(url) = raw.http {
+        let key = key(&format!(".{}", k::HTTP));
+        let mut target = parse_check_url(&key, &url)?;
+        if let Some(status) = raw.expect_status {
+            if !(100..=599).contains(&status) {
+                return Err(ConfigError::new(
+                    format!("{}.{name}.{}", keys::CHECKS, k::EXPECT_STATUS),
+                    format!("{status} is not an HTTP status (100 to 599)"),
+                ));
+            }
+        }
+        target.expect_status = raw.expect_status;
+        CheckTarget::Http(target)
+    } else if let Some(addr) = raw.tcp {
+        let key = key(&format!(".{}", k::TCP));
+        CheckTarget::Tcp(parse_host_port(&addr).map_err(|m| ConfigError::new(key, format!("`{addr}`: {m}")))?)
+    } else if let Some(process) = raw.process {
+        if process.is_empty() || process.contains(['/', '\0', '\n']) {
+            return Err(ConfigError::new(
+                key(&format!(".{}", k::PROCESS)),
+                format!("`{process}` is not a process name (a program's file name, e.g. \"chromium\")"),
+            ));
+        }
+        CheckTarget::Process(process)
+    } else {
+        unreachable!("exactly one kind key is set")
+    };
+    let interval = raw.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+    if interval < MIN_CHECK_INTERVAL {
+        return Err(ConfigError::new(
+            key(&format!(".{}", k::INTERVAL)),
+            format!("{} is too short: at least 100ms", humantime::format_duration(interval)),
+        ));
+    }
+    // A timeout longer than the interval is fine: the next run waits.
+    let timeout = raw.timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(ConfigError::new(key(&format!(".{}", k::TIMEOUT)), "must be more than 0"));
+    }
+    let retries = raw.retries.unwrap_or(DEFAULT_CHECK_RETRIES);
+    if retries == 0 {
+        return Err(ConfigError::new(
+            key(&format!(".{}", k::RETRIES)),
+            "must be at least 1 (1: a status changes on the first result that differs)",
+        ));
+    }
+    Ok(CheckSpec { target, interval, timeout, retries })
+}
+
+/// Parses `host:port` (`[v6]:port` for an IPv6 address).
+fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    let (host, port) = s.rsplit_once(':').ok_or("write host:port, e.g. \"127.0.0.1:1883\"")?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']').ok_or("an IPv6 address goes in brackets: [::1]:1883")?,
+        None if host.contains(':') => return Err("an IPv6 address goes in brackets: [::1]:1883".into()),
+        None => host,
+    };
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':')) {
+        return Err("has no valid host: write host:port, e.g. \"127.0.0.1:1883\"".into());
+    }
+    let port: u16 = port.parse().map_err(|_| format!("`{port}` is not a port (1 to 65535)"))?;
+    if port == 0 {
+        return Err("port 0 is not a port (1 to 65535)".into());
+    }
+    Ok(HostPort { host: host.to_string(), port })
+}
+
+/// Parses an `http://` or `https://` check URL; errors name `key`.
+fn parse_check_url(key: &str, url: &str) -> Result<HttpTarget, ConfigError> {
+    let err = |m: &str| ConfigError::new(key, format!("`{url}`: {m}"));
+    let uri: http_uri::Uri = url.parse().map_err(|e| err(&format!("not a URL ({e})")))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(err("must start with http:// or https://")),
+    };
+    let authority = uri.authority().ok_or_else(|| err("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(err("user names and passwords in URLs are not supported"));
+    }
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(err("has no host"));
+    }
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if port == 0 {
+        return Err(err("port 0 is not a port"));
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.is_empty() { "/" } else { path };
+    Ok(HttpTarget {
+        url: url.to_string(),
+        tls,
+        addr: HostPort { host: host.to_string(), port },
+        host_header: authority.as_str().to_string(),
+        path: path.to_string(),
+        expect_status: None,
+    })
 }
 
 /// The `{name}` placeholders in one argument.
@@ -744,6 +1060,154 @@ disruptive = true
         assert_eq!(e.key, "actions.x.command");
         let e = err(&format!("{MINIMAL}[actions.ping]\ncommand = [\"true\"]\n"));
         assert_eq!(e.key, "actions.ping");
+    }
+
+    #[test]
+    fn checks_of_every_kind_parse_with_defaults() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}{}",
+            r#"
+[checks.app]
+unit = "app.service"
+
+[checks.camera]
+command = ["/usr/lib/nagios/plugins/check_file_age", "-f", "/var/lib/cam/last.jpg", "-w", "120", "-c", "600"]
+interval = "5m"
+timeout = "30s"
+retries = 3
+
+[checks.web]
+http = "http://127.0.0.1:8080/health?full=1"
+expect_status = 204
+
+[checks.secure]
+http = "https://[::1]/"
+
+[checks.mqtt-port]
+tcp = "127.0.0.1:1883"
+
+[checks.kiosk]
+process = "chromium"
+"#
+        ))
+        .unwrap();
+        let names: Vec<&str> = c.checks.keys().map(String::as_str).collect();
+        assert_eq!(names, ["app", "camera", "kiosk", "mqtt-port", "secure", "web"]);
+        let app = &c.checks["app"];
+        assert_eq!(app.target, CheckTarget::Unit("app.service".into()));
+        assert_eq!(
+            (app.interval, app.timeout, app.retries),
+            (DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CHECK_RETRIES)
+        );
+        let camera = &c.checks["camera"];
+        assert_eq!(
+            (camera.interval, camera.timeout, camera.retries),
+            (Duration::from_secs(300), Duration::from_secs(30), 3)
+        );
+        assert!(matches!(&camera.target, CheckTarget::Command(argv) if argv.len() == 7));
+        let CheckTarget::Http(web) = &c.checks["web"].target else { panic!("web is http") };
+        assert_eq!(web.addr, HostPort { host: "127.0.0.1".into(), port: 8080 });
+        assert_eq!((web.host_header.as_str(), web.path.as_str()), ("127.0.0.1:8080", "/health?full=1"));
+        assert_eq!((web.tls, web.expect_status), (false, Some(204)));
+        let CheckTarget::Http(secure) = &c.checks["secure"].target else { panic!("secure is http") };
+        assert_eq!(
+            (secure.tls, secure.addr.port, secure.addr.host.as_str(), secure.path.as_str()),
+            (true, 443, "::1", "/")
+        );
+        assert_eq!(c.checks["mqtt-port"].target, CheckTarget::Tcp(HostPort { host: "127.0.0.1".into(), port: 1883 }));
+        assert_eq!(c.checks["kiosk"].kind(), pulsebell_proto::CheckKind::Process);
+        assert!(Config::parse(MINIMAL).unwrap().checks.is_empty());
+    }
+
+    #[test]
+    fn check_errors_name_the_dotted_key() {
+        let check = |body: &str| err(&format!("{MINIMAL}[checks.x]\n{body}\n"));
+        let cases = [
+            ("", "checks.x"),
+            ("unit = \"a.service\"\ntcp = \"h:1\"", "checks.x.tcp"),
+            ("command = []", "checks.x.command"),
+            ("command = [\"\"]", "checks.x.command"),
+            ("http = \"ftp://h/\"", "checks.x.http"),
+            ("http = \"not a url\"", "checks.x.http"),
+            ("http = \"http://u:p@h/\"", "checks.x.http"),
+            ("http = \"http://h/\"\nexpect_status = 42", "checks.x.expect_status"),
+            ("tcp = \"h:1\"\nexpect_status = 200", "checks.x.expect_status"),
+            ("tcp = \"localhost\"", "checks.x.tcp"),
+            ("tcp = \"localhost:0\"", "checks.x.tcp"),
+            ("tcp = \"localhost:http\"", "checks.x.tcp"),
+            ("tcp = \":80\"", "checks.x.tcp"),
+            ("tcp = \"::1:80\"", "checks.x.tcp"),
+            ("unit = \"--now\"", "checks.x.unit"),
+            ("unit = \"\"", "checks.x.unit"),
+            ("process = \"/usr/bin/chromium\"", "checks.x.process"),
+            ("process = \"a\"\ntimeout = \"0s\"", "checks.x.timeout"),
+            ("process = \"a\"\nretries = 0", "checks.x.retries"),
+            ("process = \"a\"\nretries = -1", "checks.x.retries"),
+            ("process = \"a\"\ninterval = \"1ms\"", "checks.x.interval"),
+            ("process = \"a\"\ninterval = \"often\"", "checks.x.interval"),
+            ("process = \"a\"\nevery = \"1m\"", "checks.x.every"),
+        ];
+        for (body, key) in cases {
+            let e = check(body);
+            assert_eq!(e.key, key, "{body:?}: {e}");
+        }
+        let e = check("unit = \"a.service\"\nprocess = \"a\"");
+        assert!(e.message.contains("`unit` and `process`"), "{e}");
+        let e = check("process = \"a\"\nevery = \"1m\"");
+        assert!(e.message.contains("every"), "{e}");
+        // A timeout as long as the interval, or longer, is fine.
+        let c = Config::parse(&format!("{MINIMAL}[checks.x]\nprocess = \"a\"\ninterval = \"1s\"\ntimeout = \"1m\"\n"));
+        assert_eq!(c.unwrap().checks["x"].timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn check_names_and_count_are_limited() {
+        for bad in [
+            "\"-x\"",
+            "\".x\"",
+            "\"a b\"",
+            "\"a/b\"",
+            &format!("\"{}\"", "a".repeat(pulsebell_proto::MAX_CHECK_NAME + 1)),
+        ] {
+            let e = err(&format!("{MINIMAL}[checks.{bad}]\nprocess = \"a\"\n"));
+            assert_eq!(e.key, format!("checks.{}", bad.trim_matches('"')), "{bad}: {e}");
+        }
+        let many = |n: usize| {
+            let mut text = MINIMAL.to_string();
+            for i in 0..n {
+                text.push_str(&format!("[checks.c{i}]\nprocess = \"a\"\n"));
+            }
+            text
+        };
+        assert_eq!(
+            Config::parse(&many(pulsebell_proto::MAX_CHECKS)).unwrap().checks.len(),
+            pulsebell_proto::MAX_CHECKS
+        );
+        let e = err(&many(pulsebell_proto::MAX_CHECKS + 1));
+        assert_eq!(e.key, keys::CHECKS);
+    }
+
+    #[test]
+    fn default_config_check_examples_parse_once_uncommented() {
+        // The commented `[checks.*]` examples, uncommented, are valid.
+        let mut text = String::new();
+        let mut in_checks = false;
+        for line in DEFAULT_CONFIG.lines() {
+            if line.starts_with("# [checks.") {
+                in_checks = true;
+            } else if !line.starts_with('#') {
+                in_checks = false;
+            }
+            let body = line.trim_start_matches('#').trim_start();
+            let example =
+                in_checks && (body.starts_with('[') || body.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')));
+            text.push_str(if example { body } else { line });
+            text.push('\n');
+        }
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.checks.len(), 5, "{text}");
+        let kinds: std::collections::BTreeSet<&str> = c.checks.values().map(|s| s.kind().as_str()).collect();
+        assert_eq!(kinds.len(), 5, "one example of each kind");
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //!   (`uplink/endpoints.rs`) as pure state.
 //! - [`actions`]: the allowlist, running a bell's action, timeouts, output.
 //! - [`journal`]: the on-disk record that makes bells run exactly once.
+//! - [`checks`]: application checks (unit, command, HTTP, TCP, process),
+//!   their retries and the scheduler that keeps their settled states.
 //! - [`run`]: the daemon's main loop tying them together.
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod checks;
 pub mod config;
 pub mod health;
 pub mod journal;

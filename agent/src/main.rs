@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pulsebell_agent::config::{Config, DEFAULT_CONFIG, EX_CONFIG};
-use pulsebell_agent::{health, run};
+use pulsebell_agent::{checks, health, run};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,18 @@ enum Command {
         /// Root of /proc and /sys (for testing with a fake tree).
         #[arg(long, default_value = "/", hide = true)]
         root: PathBuf,
+    },
+    /// Run the configured checks once (retries ignored) and exit with the
+    /// worst status's Nagios code: 0 ok, 1 warning, 2 critical, 3 unknown.
+    Check {
+        /// Only this check.
+        name: Option<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Config file (its token is not needed).
+        #[arg(long, short, default_value = "/etc/pulsebell/agent.toml")]
+        config: PathBuf,
     },
     /// Print the commented default config.
     PrintDefaultConfig,
@@ -66,11 +78,12 @@ fn main() -> ExitCode {
                     many => format!("{} collectors [{}]", many.len(), many.join(", ")),
                 };
                 println!(
-                    "{}: ok (device `{}`, {collectors}, interval {}, {} action(s))",
+                    "{}: ok (device `{}`, {collectors}, interval {}, {} action(s), {} check(s))",
                     config.display(),
                     c.device_id,
                     humantime::format_duration(c.interval),
-                    c.actions.len()
+                    c.actions.len(),
+                    c.checks.len()
                 );
                 ExitCode::SUCCESS
             }
@@ -79,6 +92,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG as u8)
             }
         },
+        Command::Check { name, json, config } => check(name, json, &config),
         Command::Health { json, root } => {
             let mut sampler = health::Sampler::new(root.clone(), root.clone());
             // CPU and network are rates: measure over a short window.
@@ -119,6 +133,48 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `check`: the config's checks once, an exit code for Nagios and NRPE.
+fn check(name: Option<String>, json: bool, path: &std::path::Path) -> ExitCode {
+    // Parse only: the token (mode 0600) is not needed, and NRPE's user may
+    // not be able to read it.
+    let config = match std::fs::read_to_string(path)
+        .map_err(|e| format!("invalid config: cannot read {}: {e}", path.display()))
+        .and_then(|text| Config::parse(&text).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    let mut selected = config.checks.clone();
+    if let Some(name) = &name {
+        selected.retain(|n, _| n == name);
+        if selected.is_empty() {
+            let names: Vec<&str> = config.checks.keys().map(String::as_str).collect();
+            let known = if names.is_empty() { "none are configured".to_string() } else { names.join(", ") };
+            eprintln!("{}: no check named `{name}` (checks: {known})", path.display());
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    } else if selected.is_empty() && !json {
+        eprintln!("{}: no checks configured", path.display());
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let results = runtime.block_on(checks::run_once(&checks::Runner::new(&config), &selected));
+    if json {
+        println!("{}", checks::to_json(&results));
+    } else if !results.is_empty() {
+        print!("{}", checks::render_table(&results));
+    }
+    ExitCode::from(checks::exit_code(&results))
 }
 
 fn init_logging() {

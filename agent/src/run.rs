@@ -15,7 +15,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pulsebell_proto::{close, decode, encode, AgentMsg, BellReport, Hello, Pulse, ServerMsg, PROTOCOL_VERSION};
+use std::sync::Arc;
+
+use pulsebell_proto::{
+    close, decode, encode, AgentMsg, BellReport, CheckDigest, CheckReport, CheckResult, Hello, Pulse, ServerMsg,
+    PROTOCOL_VERSION,
+};
 use rand::SeedableRng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant, MissedTickBehavior};
@@ -26,11 +31,12 @@ use tokio_tungstenite::tungstenite::{
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::actions::Executor;
+use crate::checks::Checks;
 use crate::config::Config;
 use crate::health::{facts, Sampler, SystemFacts};
 use crate::uplink::backoff::{Backoff, STABLE_AFTER};
 use crate::uplink::endpoints::Endpoints;
-use crate::uplink::{tls, ConnectError, Dialer, WsStream};
+use crate::uplink::{tls, ConnectError, Connection, Dialer, WsStream};
 
 /// The agent reconnects when it has heard nothing from the collector (no
 /// frame, not even a ping) for this many intervals: the TCP connection is
@@ -70,9 +76,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         pulse_tx,
     ));
     let watchdog = tokio::spawn(watchdog_loop(pulse_rx.clone(), config.interval));
+    let checks = (!config.checks.is_empty()).then(|| Checks::spawn(&config));
     notify_ready();
     let (stop_tx, stop) = watch::channel(false);
-    let mut agent = Agent { config, dialers, facts, pulse_rx, executor, stop };
+    let mut agent = Agent { config, dialers, facts, pulse_rx, executor, checks, stop };
     {
         let connected = agent.connect_loop();
         tokio::pin!(connected);
@@ -123,8 +130,48 @@ struct Agent {
     facts: SystemFacts,
     pulse_rx: watch::Receiver<Option<Pulse>>,
     executor: Executor,
+    /// The checks' runner, if the config has any.
+    checks: Option<Checks>,
     /// Turns true when the agent is stopping.
     stop: watch::Receiver<bool>,
+}
+
+/// What the collector has been told of the checks on this connection: the
+/// pulse's digest counts exactly these, so the collector can tell when it
+/// missed something.
+#[derive(Default)]
+struct SentChecks {
+    results: Arc<Vec<CheckResult>>,
+}
+
+impl SentChecks {
+    /// The report that brings the collector from what it was told to
+    /// `now`: everything when `full` or when a check went away, otherwise
+    /// the checks whose status or summary changed. `None` when nothing did.
+    fn report(&mut self, now: Arc<Vec<CheckResult>>, full: bool) -> Option<CheckReport> {
+        // A check that has not run yet is not news: it is reported with its
+        // first result.
+        let now = if now.iter().any(crate::checks::is_pending) {
+            Arc::new(now.iter().filter(|r| !crate::checks::is_pending(r)).cloned().collect())
+        } else {
+            now
+        };
+        let before = std::mem::replace(&mut self.results, now.clone());
+        let gone = before.iter().any(|b| !now.iter().any(|n| n.name == b.name));
+        if full || gone {
+            return Some(CheckReport { full: true, results: now.to_vec() });
+        }
+        let changed: Vec<CheckResult> = now
+            .iter()
+            .filter(|n| !before.iter().any(|b| b.name == n.name && b.status == n.status && b.summary == n.summary))
+            .cloned()
+            .collect();
+        (!changed.is_empty()).then_some(CheckReport { full: false, results: changed })
+    }
+
+    fn digest(&self) -> CheckDigest {
+        CheckDigest::of(self.results.iter())
+    }
 }
 
 /// Why a session ended.
@@ -185,7 +232,7 @@ impl Agent {
         let connected = self.dialers.current().connect().await;
         let Quiet { last_failure, last_close } = quiet;
         match connected {
-            Ok(ws) => {
+            Ok(Connection { ws, version }) => {
                 if last_close.is_none() {
                     info!("connected");
                 } else {
@@ -193,7 +240,7 @@ impl Agent {
                 }
                 *last_failure = None;
                 let started = Instant::now();
-                let end = self.session(ws).await;
+                let end = self.session(ws, version).await;
                 // A collector that refuses us the same way on every
                 // attempt (version mismatch, policy) is logged once.
                 let repeat = matches!(&end, SessionEnd::Closed(Some(c)) if last_close.as_ref() == Some(c));
@@ -234,10 +281,10 @@ impl Agent {
         }
     }
 
-    fn hello(&self) -> Hello {
+    fn hello(&self, version: u16) -> Hello {
         let f = &self.facts;
         Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: version,
             device_id: self.config.device_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             boot_id: f.boot_id.clone(),
@@ -254,9 +301,29 @@ impl Agent {
 
     /// One connected session: Hello, then pulses out and bells in until the
     /// connection ends.
-    async fn session(&mut self, mut ws: WsStream) -> SessionEnd {
-        if let Err(e) = send(&mut ws, &AgentMsg::Hello(self.hello())).await {
+    async fn session(&mut self, mut ws: WsStream, version: u16) -> SessionEnd {
+        if let Err(e) = send(&mut ws, &AgentMsg::Hello(self.hello(version))).await {
             return SessionEnd::Error(e);
+        }
+        // Checks travel from protocol version 2 on; an older collector
+        // gets plain pulses and no checks.
+        let mut checks = self.checks.as_ref().map(Checks::subscribe).filter(|_| version >= 2);
+        if self.checks.is_some() && checks.is_none() {
+            warn!(
+                version,
+                newest = PROTOCOL_VERSION,
+                "the collector speaks an older protocol and cannot take check results: \
+                 upgrade the collectors first, then the agents; checks run but are not reported"
+            );
+        }
+        let mut sent = SentChecks::default();
+        if let Some(rx) = &mut checks {
+            let report = sent.report(rx.borrow_and_update().clone(), true);
+            if let Some(report) = report {
+                if let Err(e) = send(&mut ws, &AgentMsg::Checks(report)).await {
+                    return SessionEnd::Error(e);
+                }
+            }
         }
         let silence = self.config.interval * SILENCE_INTERVALS;
         let mut deadline = Instant::now() + silence;
@@ -274,7 +341,19 @@ impl Agent {
                     }
                     let pulse = self.pulse_rx.borrow_and_update().clone();
                     if let Some(pulse) = pulse {
-                        if let Err(e) = send(&mut ws, &AgentMsg::Pulse(pulse)).await {
+                        let msg = match checks {
+                            Some(_) => AgentMsg::CheckedPulse(pulse, sent.digest()),
+                            None => AgentMsg::Pulse(pulse),
+                        };
+                        if let Err(e) = send(&mut ws, &msg).await {
+                            break SessionEnd::Error(e);
+                        }
+                    }
+                }
+                Ok(()) = async { checks.as_mut().expect("guarded").changed().await }, if checks.is_some() => {
+                    let now = checks.as_mut().expect("guarded").borrow_and_update().clone();
+                    if let Some(report) = sent.report(now, false) {
+                        if let Err(e) = send(&mut ws, &AgentMsg::Checks(report)).await {
                             break SessionEnd::Error(e);
                         }
                     }
@@ -290,6 +369,16 @@ impl Agent {
                         None => break SessionEnd::Closed(None),
                         Some(Err(e)) => break SessionEnd::Error(e.to_string()),
                         Some(Ok(Message::Binary(bytes))) => match decode::<ServerMsg>(&bytes) {
+                            Ok(ServerMsg::ResendChecks) => {
+                                let Some(rx) = &mut checks else { continue };
+                                debug!("the collector asked for every check again");
+                                let report = sent.report(rx.borrow_and_update().clone(), true);
+                                if let Some(report) = report {
+                                    if let Err(e) = send(&mut ws, &AgentMsg::Checks(report)).await {
+                                        break SessionEnd::Error(e);
+                                    }
+                                }
+                            }
                             Ok(msg) => self.on_server_msg(msg).await,
                             Err(e) => warn!(error = %e, "ignoring a message from the collector that does not decode"),
                         },
@@ -332,6 +421,7 @@ impl Agent {
             }
             ServerMsg::Bell(bell) => self.executor.ring(bell).await,
             ServerMsg::Cancel(id) => self.executor.cancel(id).await,
+            ServerMsg::ResendChecks => {} // handled by the session
         }
     }
 }

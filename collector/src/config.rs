@@ -340,8 +340,15 @@ impl Config {
         if self.alerts.command.first().is_some_and(|c| c.is_empty()) {
             return bad("alerts.command", "must name a program: command = [\"/path/to/program\", ...]");
         }
-        const KINDS: [&str; 6] =
-            ["device_offline", "device_online", "under_voltage", "throttled", "bell_failed", "agent_stopped"];
+        const KINDS: [&str; crate::store::AlertKind::ALL.len()] = {
+            let mut names = [""; crate::store::AlertKind::ALL.len()];
+            let mut i = 0;
+            while i < names.len() {
+                names[i] = crate::store::AlertKind::ALL[i].as_str();
+                i += 1;
+            }
+            names
+        };
         if let Some(e) = self.alerts.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
             return bad("alerts.events", &format!("unknown event `{e}`; use {}", KINDS.join(", ")));
         }

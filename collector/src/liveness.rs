@@ -14,11 +14,11 @@
 //! - Alerts are raised for offline reasons that are the device's problem
 //!   ([`Reason::alerts`]) and for "online again" after one of those.
 
-use pulsebell_proto::{Hello, Pulse, Throttled};
+use pulsebell_proto::{CheckReport, CheckStatus, Hello, Pulse, Throttled};
 
 use crate::alerts::Raised;
 use crate::fleet::link;
-use crate::store::{AlertKind, DeviceRecord, EventKind, EventRecord, Reason};
+use crate::store::{AlertKind, CheckEvent, DeviceRecord, EventKind, EventRecord, Reason};
 
 /// What a change produced: events to append and alerts to raise.
 #[derive(Debug, Default, PartialEq)]
@@ -30,7 +30,62 @@ pub struct Effects {
 }
 
 fn event(device: &str, kind: EventKind, reason: Reason, at_ms: u64, generation: u64) -> EventRecord {
-    EventRecord { device: device.to_string(), kind, reason, at_ms, generation }
+    EventRecord { device: device.to_string(), kind, reason, at_ms, generation, check: None }
+}
+
+/// A check report from connection `generation`: a full one replaces the
+/// record's checks, a partial one updates those it names. Every status
+/// change of a check is an event: `check_recovered` back to OK,
+/// `check_failed` otherwise (a new check that starts OK is none), with an
+/// alert of the same kind.
+pub fn checks_reported(
+    device: &str,
+    record: &mut DeviceRecord,
+    report: CheckReport,
+    generation: u64,
+    now: u64,
+) -> Effects {
+    let mut fx = Effects::default();
+    let old = if report.full { std::mem::take(&mut record.checks) } else { record.checks.clone() };
+    let mut checks = if report.full { Vec::with_capacity(report.results.len()) } else { old.clone() };
+    for r in report.results {
+        let before = old.iter().find(|c| c.name == r.name).map(|c| c.status);
+        let changed = before != Some(r.status) && !(before.is_none() && r.status == CheckStatus::Ok);
+        if changed {
+            let (kind, alert) = if r.status == CheckStatus::Ok {
+                (EventKind::CheckRecovered, AlertKind::CheckRecovered)
+            } else {
+                (EventKind::CheckFailed, AlertKind::CheckFailed)
+            };
+            let mut e = event(device, kind, Reason::Check, now, generation);
+            e.check =
+                Some(CheckEvent { name: r.name.clone(), status: r.status.as_str().into(), summary: r.summary.clone() });
+            fx.events.push(e);
+            let text = match r.status {
+                CheckStatus::Ok => format!("{device}: check {} is OK again", r.name),
+                s => format!("{device}: check {} is {}: {}", r.name, s.as_str().to_uppercase(), r.summary),
+            };
+            fx.alerts.push(Raised::new(
+                alert,
+                device,
+                text,
+                serde_json::json!({
+                    "check": r.name, "kind": r.kind.as_str(), "status": r.status.as_str(),
+                    "was": before.map(CheckStatus::as_str), "summary": r.summary,
+                }),
+            ));
+        }
+        match checks.binary_search_by(|c| c.name.as_str().cmp(&r.name)) {
+            Ok(i) => checks[i] = r,
+            Err(i) => checks.insert(i, r),
+        }
+    }
+    if report.full {
+        checks.sort_by(|a, b| a.name.cmp(&b.name));
+        checks.dedup_by(|a, b| a.name == b.name);
+    }
+    record.checks = checks;
+    fx
 }
 
 /// Connection `generation` of `device` said Hello. The caller has checked
@@ -256,6 +311,7 @@ mod tests {
             reason: r,
             at_ms: 0,
             generation: g,
+            check: None,
         };
         let mut v = vec![
             e("a", 1, Reason::Connected),

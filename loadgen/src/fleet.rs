@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use pulsebell_proto::{AgentMsg, Health, Hello, Pulse, Throttled, PROTOCOL_VERSION};
+use pulsebell_proto::{AgentMsg, Health, Hello, Pulse, Throttled};
 
 /// Shared by every device task.
 pub struct Shared {
@@ -149,10 +149,11 @@ pub fn pulse_bytes(seq: u32) -> Vec<u8> {
 }
 
 /// A Hello like a Raspberry Pi's agent sends, for device `id` (`idx` makes
-/// its boot id).
-pub fn hello(id: &str, idx: usize, interval_ms: u32) -> Hello {
+/// its boot id), in protocol `version` (the connection's). Simulated
+/// devices have no checks: they send plain pulses in every version.
+pub fn hello(id: &str, idx: usize, interval_ms: u32, version: u16) -> Hello {
     Hello {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         device_id: id.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         boot_id: format!("6f1c2a9e-4b7d-4e0a-9c3f-{idx:012x}"),

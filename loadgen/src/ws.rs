@@ -47,10 +47,10 @@ pub async fn device(
         };
         let endpoint = dialers.index();
         match attempt {
-            Ok(ws) => {
+            Ok(conn) => {
                 shared.up(idx, endpoint);
                 let started = Instant::now();
-                let lost = session(&shared, idx, &id, ws, &mut seq, &mut stop).await;
+                let lost = session(&shared, idx, &id, conn.ws, conn.version, &mut seq, &mut stop).await;
                 shared.down(idx, endpoint, lost);
                 if started.elapsed() >= STABLE_AFTER {
                     backoff.reset();
@@ -111,8 +111,17 @@ async fn on_frame(shared: &Shared, ws: &mut WsStream, frame: Option<Result<Messa
 }
 
 /// One session; `true` when it was lost (not closed by us).
-async fn session(shared: &Shared, idx: usize, id: &str, mut ws: WsStream, seq: &mut u32, stop: &mut Stop) -> bool {
-    let hello = encode(&AgentMsg::Hello(hello(id, idx, shared.hello_interval_ms()))).expect("a hello always encodes");
+async fn session(
+    shared: &Shared,
+    idx: usize,
+    id: &str,
+    mut ws: WsStream,
+    version: u16,
+    seq: &mut u32,
+    stop: &mut Stop,
+) -> bool {
+    let hello = hello(id, idx, shared.hello_interval_ms(), version);
+    let hello = encode(&AgentMsg::Hello(hello)).expect("a hello always encodes");
     if !send(&mut ws, hello).await {
         return true;
     }

@@ -7,6 +7,7 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::check::{CheckDigest, CheckReport};
 use crate::limits::*;
 use crate::{Bell, BellReport, Hello, Pulse, Welcome};
 
@@ -19,6 +20,22 @@ pub enum AgentMsg {
     Pulse(Pulse),
     /// Progress or outcome of a bell.
     BellReport(BellReport),
+    // Version 2. New variants go last: postcard writes the variant's index,
+    // so version-1 messages keep their bytes.
+    /// Check states: all of them after each Welcome, then those that changed.
+    Checks(CheckReport),
+    /// A pulse with the count of checks per status (replaces `Pulse`).
+    CheckedPulse(Pulse, CheckDigest),
+}
+
+impl AgentMsg {
+    /// The first protocol version that has this message.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            AgentMsg::Hello(_) | AgentMsg::Pulse(_) | AgentMsg::BellReport(_) => 1,
+            AgentMsg::Checks(_) | AgentMsg::CheckedPulse(..) => 2,
+        }
+    }
 }
 
 /// Collector → agent.
@@ -30,6 +47,20 @@ pub enum ServerMsg {
     Bell(Bell),
     /// Stop the bell with this id if it is running.
     Cancel(u64),
+    // Version 2.
+    /// Send every check's state again: the collector's counts disagree with
+    /// the pulse's digest (its state was lost or is stale).
+    ResendChecks,
+}
+
+impl ServerMsg {
+    /// The first protocol version that has this message.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            ServerMsg::Welcome(_) | ServerMsg::Bell(_) | ServerMsg::Cancel(_) => 1,
+            ServerMsg::ResendChecks => 2,
+        }
+    }
 }
 
 /// WebSocket close codes the collector uses, with a reason text alongside.
@@ -189,12 +220,31 @@ impl Validate for Bell {
     }
 }
 
+impl Validate for CheckReport {
+    fn validate(&self) -> Result<(), DecodeError> {
+        check_len("checks", self.results.len(), MAX_CHECKS)?;
+        for r in &self.results {
+            check_len("check name", r.name.len(), MAX_CHECK_NAME)?;
+            if !crate::valid_device_id(&r.name) {
+                return Err(DecodeError::Malformed(format!(
+                    "check name {:?}: use letters, digits, '.', '_' or '-', not first '.' or '-'",
+                    r.name
+                )));
+            }
+            check_len("check summary", r.summary.len(), MAX_STRING)?;
+            check_len("check output", r.output.len(), MAX_CHECK_OUTPUT)?;
+        }
+        Ok(())
+    }
+}
+
 impl Validate for AgentMsg {
     fn validate(&self) -> Result<(), DecodeError> {
         match self {
             AgentMsg::Hello(h) => h.validate(),
-            AgentMsg::Pulse(_) => Ok(()),
+            AgentMsg::Pulse(_) | AgentMsg::CheckedPulse(..) => Ok(()),
             AgentMsg::BellReport(r) => r.validate(),
+            AgentMsg::Checks(c) => c.validate(),
         }
     }
 }
@@ -203,7 +253,7 @@ impl Validate for ServerMsg {
     fn validate(&self) -> Result<(), DecodeError> {
         match self {
             ServerMsg::Bell(b) => b.validate(),
-            ServerMsg::Welcome(_) | ServerMsg::Cancel(_) => Ok(()),
+            ServerMsg::Welcome(_) | ServerMsg::Cancel(_) | ServerMsg::ResendChecks => Ok(()),
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   collector's [`Welcome`] answer.
 //! - [`pulse`]: [`Pulse`] and the fixed-point [`Health`] sample it carries.
 //! - [`bell`]: ready bells (collector → agent commands) and their reports.
+//! - [`check`]: application checks' states and the digest pulses carry
+//!   (version 2).
 //! - [`provision`]: zero-touch enrolment with a provisioning key.
 //! - [`view`]: the same values in human units for JSON output.
 //! - [`codec`]: the two message enums, [`AgentMsg`] and [`ServerMsg`], and
@@ -26,6 +28,7 @@
 #![deny(missing_docs)]
 
 pub mod bell;
+pub mod check;
 pub mod codec;
 pub mod hello;
 pub mod limits;
@@ -34,6 +37,7 @@ pub mod pulse;
 pub mod view;
 
 pub use bell::{Bell, BellOutcome, BellReport, BellState};
+pub use check::{CheckDigest, CheckKind, CheckReport, CheckResult, CheckStatus};
 pub use codec::{close, decode, encode, peek_hello_version, AgentMsg, DecodeError, EncodeError, ServerMsg, Validate};
 pub use hello::{Hello, Welcome};
 pub use limits::*;

@@ -23,9 +23,10 @@ fn typical_health() -> Health {
     }
 }
 
+/// A version-1 Hello: its bytes must never change.
 fn hello() -> Hello {
     Hello {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: 1,
         device_id: "pi-1".into(),
         agent_version: "0.1.0".into(),
         boot_id: "b".into(),
@@ -78,6 +79,67 @@ fn golden_hello() {
         hex(&encode(&AgentMsg::Hello(hello())).unwrap()),
         "00010470692d3105302e312e3001620270690644656269616e03362e3607616172636836340104506920348827010473686f70010470696e67"
     );
+}
+
+fn check(name: &str, status: CheckStatus) -> CheckResult {
+    CheckResult {
+        name: name.into(),
+        kind: CheckKind::Unit,
+        status,
+        summary: "app.service is failed".into(),
+        output: "Result: exit-code\n".into(),
+        since_ms: 1_700_000_000_000,
+    }
+}
+
+/// Version 2's messages. Version 1's above keep their bytes: the new
+/// variants were appended.
+#[test]
+fn golden_version_2_messages() {
+    let report = AgentMsg::Checks(CheckReport { full: true, results: vec![check("app", CheckStatus::Critical)] });
+    assert_eq!(
+        hex(&encode(&report).unwrap()),
+        "030101036170700002156170702e73657276696365206973206661696c656412526573756c743a20657869742d636f64650a80d095ffbc31"
+    );
+    let digest = CheckDigest { ok: 3, warning: 0, critical: 1, unknown: 0 };
+    let pulse = AgentMsg::CheckedPulse(Pulse { seq: 300, health: typical_health() }, digest);
+    assert_eq!(
+        hex(&encode(&pulse).unwrap()),
+        "04ac021f080c09cc88ed01b09519fc9f0600ace701fa24019c07b58f10a60e9007010003000100"
+    );
+    assert_eq!(hex(&encode(&ServerMsg::ResendChecks).unwrap()), "03");
+    let mut v2 = hello();
+    v2.protocol_version = 2;
+    assert_eq!(peek_hello_version(&encode(&AgentMsg::Hello(v2)).unwrap()), Some(2));
+    // A checked pulse costs five bytes over a plain one.
+    let plain = encode(&AgentMsg::Pulse(Pulse { seq: 300, health: typical_health() })).unwrap().len();
+    assert_eq!(encode(&pulse).unwrap().len(), plain + 4);
+    assert_eq!(AgentMsg::Checks(CheckReport { full: false, results: vec![] }).since_version(), 2);
+    assert_eq!(AgentMsg::Hello(hello()).since_version(), 1);
+}
+
+#[test]
+fn check_reports_are_bounded() {
+    let full = |results| postcard::to_stdvec(&AgentMsg::Checks(CheckReport { full: true, results })).unwrap();
+    let many = full(vec![check("c", CheckStatus::Ok); MAX_CHECKS + 1]);
+    assert!(matches!(decode::<AgentMsg>(&many), Err(DecodeError::Limit { field: "checks", .. })));
+    let mut long = check("c", CheckStatus::Ok);
+    long.output = "o".repeat(MAX_CHECK_OUTPUT + 1);
+    assert!(matches!(decode::<AgentMsg>(&full(vec![long])), Err(DecodeError::Limit { field: "check output", .. })));
+    assert!(matches!(decode::<AgentMsg>(&full(vec![check("a/b", CheckStatus::Ok)])), Err(DecodeError::Malformed(_))));
+    // The largest valid report fits in a frame.
+    let biggest: Vec<_> = (0..MAX_CHECKS)
+        .map(|i| CheckResult {
+            name: format!("{i:0>64}"),
+            kind: CheckKind::Command,
+            status: CheckStatus::Unknown,
+            summary: "s".repeat(MAX_STRING),
+            output: "o".repeat(MAX_CHECK_OUTPUT),
+            since_ms: u64::MAX,
+        })
+        .collect();
+    let msg = AgentMsg::Checks(CheckReport { full: true, results: biggest });
+    assert_eq!(decode::<AgentMsg>(&encode(&msg).unwrap()).unwrap(), msg);
 }
 
 #[test]
@@ -217,6 +279,33 @@ proptest! {
         let i = idx.index(bytes.len());
         bytes[i] = byte;
         let _ = decode::<AgentMsg>(&bytes);
+    }
+
+    #[test]
+    fn any_check_report_round_trips(
+        full in any::<bool>(),
+        checks in proptest::collection::vec(("[a-z0-9_][a-z0-9_-]{0,63}", 0u8..5, 0u8..4, ".{0,80}", ".{0,200}", any::<u64>()), 0..8),
+        seq in any::<u32>(),
+        digest in (any::<u16>(), any::<u16>(), any::<u16>(), any::<u16>()),
+    ) {
+        let kinds = [CheckKind::Unit, CheckKind::Command, CheckKind::Http, CheckKind::Tcp, CheckKind::Process];
+        let results = checks
+            .into_iter()
+            .map(|(name, k, s, summary, output, since_ms)| CheckResult {
+                name,
+                kind: kinds[k as usize],
+                status: CheckStatus::ALL[s as usize],
+                summary,
+                output,
+                since_ms,
+            })
+            .filter(|r| r.summary.len() <= MAX_STRING && r.output.len() <= MAX_CHECK_OUTPUT)
+            .collect();
+        let msg = AgentMsg::Checks(CheckReport { full, results });
+        prop_assert_eq!(decode::<AgentMsg>(&encode(&msg).unwrap()).unwrap(), msg);
+        let (ok, warning, critical, unknown) = digest;
+        let msg = AgentMsg::CheckedPulse(Pulse { seq, health: Health::default() }, CheckDigest { ok, warning, critical, unknown });
+        prop_assert_eq!(decode::<AgentMsg>(&encode(&msg).unwrap()).unwrap(), msg);
     }
 
     #[test]

@@ -859,6 +859,9 @@ pub struct AgentOpts {
     pub collector_urls: Vec<String>,
     /// TOML appended to the generated config (e.g. `[actions.x]` tables).
     pub extra_toml: String,
+    /// Environment variables set for the agent process (e.g. a `PATH` that
+    /// starts with a fake `systemctl`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AgentOpts {
@@ -870,6 +873,7 @@ impl Default for AgentOpts {
             collector_url: None,
             collector_urls: vec![],
             extra_toml: String::new(),
+            env: vec![],
         }
     }
 }
@@ -916,6 +920,7 @@ pub struct Agent {
     id: String,
     dir: PathBuf,
     config: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     log: Log,
 }
@@ -953,7 +958,7 @@ impl Agent {
         let config = dir.join("agent.toml");
         fs::write(&config, config_text).expect("write agent config");
         let log = Log::new(format!("agent `{id}`"), dir.join("agent.log"));
-        let mut agent = Agent { id: id.to_string(), dir, config, child: None, log };
+        let mut agent = Agent { id: id.to_string(), dir, config, env: opts.env, child: None, log };
         agent.spawn();
         agent
     }
@@ -969,7 +974,7 @@ impl Agent {
         let path = dir.join("agent.toml");
         fs::write(&path, text).expect("write agent config");
         let log = Log::new(format!("agent `{label}`"), dir.join("agent.log"));
-        let mut agent = Agent { id: label.to_string(), dir, config: path, child: None, log };
+        let mut agent = Agent { id: label.to_string(), dir, config: path, env: vec![], child: None, log };
         agent.spawn();
         agent
     }
@@ -977,6 +982,7 @@ impl Agent {
     fn spawn(&mut self) {
         let mut cmd = command(&agent_bin());
         cmd.arg("run").arg("--config").arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let shown = format!("{cmd:?}");
         let mut child = cmd
             .stdin(Stdio::null())
@@ -1101,7 +1107,8 @@ pub fn write_foreign_ca(path: &Path) {
 // Raw device connections
 
 /// A bare device-side WebSocket client: TLS verified against the
-/// collector's CA, the `pulsebell.v1` subprotocol, and whatever
+/// collector's CA, the current subprotocol (or the one a test offers, e.g.
+/// `pulsebell.v1` to play an agent of the previous version), and whatever
 /// `Authorization` header the test chooses.
 pub mod raw {
     use std::future::Future;
@@ -1181,12 +1188,26 @@ pub mod raw {
     /// `Authorization` header value (`None`: no header). A refused upgrade
     /// is `Err(tungstenite::Error::Http(response))`.
     pub async fn upgrade(ep: &Endpoint, authorization: Option<&str>) -> Result<(Ws, Response), tungstenite::Error> {
-        tokio::time::timeout(TIMEOUT, upgrade_inner(ep, authorization))
+        upgrade_offering(ep, authorization, SUBPROTOCOL).await
+    }
+
+    /// Like [`upgrade`], offering `subprotocols` (`Sec-WebSocket-Protocol`,
+    /// e.g. `pulsebell.v1`).
+    pub async fn upgrade_offering(
+        ep: &Endpoint,
+        authorization: Option<&str>,
+        subprotocols: &str,
+    ) -> Result<(Ws, Response), tungstenite::Error> {
+        tokio::time::timeout(TIMEOUT, upgrade_inner(ep, authorization, subprotocols))
             .await
             .unwrap_or_else(|_| Err(io_err(format!("no upgrade answer within {TIMEOUT:?}"))))
     }
 
-    async fn upgrade_inner(ep: &Endpoint, authorization: Option<&str>) -> Result<(Ws, Response), tungstenite::Error> {
+    async fn upgrade_inner(
+        ep: &Endpoint,
+        authorization: Option<&str>,
+        subprotocols: &str,
+    ) -> Result<(Ws, Response), tungstenite::Error> {
         let tcp = TcpStream::connect(&ep.addr).await?;
         let connector = TlsConnector::from(tls_config(&ep.ca_file));
         let tls = connector
@@ -1198,7 +1219,7 @@ pub mod raw {
         if let Some(auth) = authorization {
             headers.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).map_err(io_err)?);
         }
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(subprotocols).map_err(io_err)?);
         let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME)).max_frame_size(Some(MAX_FRAME));
         tokio_tungstenite::client_async_with_config(request, tls, Some(config)).await
     }

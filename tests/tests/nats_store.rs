@@ -45,6 +45,7 @@ fn a_batch_of_events_larger_than_the_clients_ack_window_is_stored_in_order() {
                 reason: Reason::Connected,
                 at_ms: now + d,
                 generation: 1,
+                check: None,
             });
             events.push(EventRecord {
                 device,
@@ -52,6 +53,7 @@ fn a_batch_of_events_larger_than_the_clients_ack_window_is_stored_in_order() {
                 reason: Reason::CollectorShutdown,
                 at_ms: now + d + 1,
                 generation: 1,
+                check: None,
             });
         }
         tokio::time::timeout(Duration::from_secs(120), store.append_events(&events))

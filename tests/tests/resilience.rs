@@ -618,9 +618,10 @@ fn unknown_message_variant_is_closed_with_1007() {
 
 #[test]
 fn hello_of_another_protocol_version_is_closed_with_4001() {
-    let hello = Hello { protocol_version: 2, ..raw::hello(ATTACKER, 500, &[]) };
+    // A version this collector does not speak at all.
+    let hello = Hello { protocol_version: 3, ..raw::hello(ATTACKER, 500, &[]) };
     let bytes = encode(&AgentMsg::Hello(hello)).expect("encode");
-    assert_first_frame_closes(Message::Binary(bytes.into()), close::VERSION_MISMATCH, "version 2");
+    assert_first_frame_closes(Message::Binary(bytes.into()), close::VERSION_MISMATCH, "version 3");
 }
 
 #[test]

@@ -14,7 +14,7 @@ pub mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pulsebell_proto::{MAX_FRAME, SUBPROTOCOL};
+use pulsebell_proto::{subprotocol, subprotocol_version, MAX_FRAME, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{client::TlsStream, TlsConnector};
@@ -30,6 +30,21 @@ use crate::config::CollectorUrl;
 
 /// An open connection to the collector.
 pub type WsStream = WebSocketStream<TlsStream<TcpStream>>;
+
+/// An open connection and the protocol version the collector chose.
+pub struct Connection {
+    /// The WebSocket.
+    pub ws: WsStream,
+    /// Protocol version of the connection: the newest both sides speak. An
+    /// older collector answers with an older one.
+    pub version: u16,
+}
+
+/// The `Sec-WebSocket-Protocol` offer: every version this agent speaks,
+/// newest first (`pulsebell.v2, pulsebell.v1`).
+fn offer() -> String {
+    (OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).rev().filter_map(subprotocol).collect::<Vec<_>>().join(", ")
+}
 
 /// Time allowed for TCP, TLS and the upgrade together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -125,14 +140,14 @@ impl Dialer {
 
     /// Opens one connection: TCP, TLS, WebSocket upgrade. The TLS server
     /// name is the URL's host.
-    pub async fn connect(&self) -> Result<WsStream, ConnectError> {
+    pub async fn connect(&self) -> Result<Connection, ConnectError> {
         self.connect_from(None).await
     }
 
     /// Like [`Dialer::connect`], from a chosen local address (the load
     /// generator spreads connections over 127.0.0.x to get past one
     /// address's ephemeral ports).
-    pub async fn connect_from(&self, local: Option<std::net::IpAddr>) -> Result<WsStream, ConnectError> {
+    pub async fn connect_from(&self, local: Option<std::net::IpAddr>) -> Result<Connection, ConnectError> {
         tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(local))
             .await
             .unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
@@ -187,10 +202,12 @@ impl Dialer {
     pub async fn provision(&self, key: &str, device_id: &str) -> Result<WsStream, ConnectError> {
         let url = provision_url(&self.url.url);
         let fut = self.open(None, &url, key, Some(device_id));
-        tokio::time::timeout(CONNECT_TIMEOUT, fut).await.unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)))
+        let opened =
+            tokio::time::timeout(CONNECT_TIMEOUT, fut).await.unwrap_or(Err(ConnectError::Timeout(CONNECT_TIMEOUT)));
+        opened.map(|c| c.ws)
     }
 
-    async fn connect_inner(&self, local: Option<std::net::IpAddr>) -> Result<WsStream, ConnectError> {
+    async fn connect_inner(&self, local: Option<std::net::IpAddr>) -> Result<Connection, ConnectError> {
         self.open(local, &self.url.url, &self.token, None).await
     }
 
@@ -200,7 +217,7 @@ impl Dialer {
         url: &str,
         bearer_token: &str,
         device_id: Option<&str>,
-    ) -> Result<WsStream, ConnectError> {
+    ) -> Result<Connection, ConnectError> {
         let addr = format!("{}:{}", self.url.host, self.url.port);
         let tcp = self.tcp(local).await.map_err(|source| ConnectError::Tcp { addr: addr.clone(), source })?;
         let _ = tcp.set_nodelay(true);
@@ -223,8 +240,8 @@ impl Dialer {
         if let Some(id) = device_id {
             headers.insert(pulsebell_proto::provision::DEVICE_ID_HEADER, HeaderValue::from_str(id).map_err(bad)?);
         }
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-        let (ws, _response) = tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config()))
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(&offer()).map_err(bad)?);
+        let (ws, response) = tokio_tungstenite::client_async_with_config(request, tls, Some(ws_config()))
             .await
             .map_err(|e| match e {
                 tungstenite::Error::Http(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
@@ -233,6 +250,13 @@ impl Dialer {
                 tungstenite::Error::Http(resp) => ConnectError::Refused(resp.status()),
                 other => ConnectError::Handshake(other),
             })?;
-        Ok(ws)
+        // tungstenite has checked that the answer is one we offered.
+        let version = response
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| subprotocol_version(v.trim()))
+            .unwrap_or(OLDEST_PROTOCOL_VERSION);
+        Ok(Connection { ws, version })
     }
 }

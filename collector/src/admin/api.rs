@@ -172,12 +172,46 @@ pub struct EventView {
     reason: Reason,
     at: String,
     generation: u64,
+    /// `check_failed` / `check_recovered`: the check's name, new status and
+    /// summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<crate::store::CheckEvent>,
 }
 
 impl From<EventRecord> for EventView {
     fn from(e: EventRecord) -> Self {
-        EventView { device: e.device, kind: e.kind, reason: e.reason, at: rfc3339(e.at_ms), generation: e.generation }
+        EventView {
+            device: e.device,
+            kind: e.kind,
+            reason: e.reason,
+            at: rfc3339(e.at_ms),
+            generation: e.generation,
+            check: e.check,
+        }
     }
+}
+
+#[derive(Deserialize)]
+pub struct ChecksQuery {
+    device: Option<String>,
+    status: Option<String>,
+}
+
+/// `GET /v1/checks?device=D&status=S`: checks across the fleet.
+pub async fn checks(
+    State(state): State<AdminState>,
+    Query(q): Query<ChecksQuery>,
+) -> Result<Json<Vec<crate::fleet::CheckRow>>, ApiError> {
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(pulsebell_proto::CheckStatus::parse(s).ok_or_else(|| {
+            ApiError(StatusCode::BAD_REQUEST, format!("status `{s}`: use ok, warning, critical or unknown"))
+        })?),
+    };
+    let rows = state.fleet.check_rows(q.device.as_deref(), status).ok_or_else(|| {
+        ApiError(StatusCode::NOT_FOUND, format!("no enrolled device `{}`", q.device.as_deref().unwrap_or_default()))
+    })?;
+    Ok(Json(rows))
 }
 
 #[derive(Deserialize)]

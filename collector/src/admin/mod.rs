@@ -124,6 +124,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/bells/{id}", get(api::show_bell))
         .route("/v1/bells/{id}/cancel", post(api::cancel_bell))
         .route("/v1/events", get(api::events))
+        .route("/v1/checks", get(api::checks))
         .route("/v1/stats", get(api::stats))
         .route("/v1/cluster", get(api::cluster))
         .route("/v1/provision", get(api::list_provision_keys).post(api::create_provision_key))

@@ -3,6 +3,7 @@
 //! group of subcommands.
 
 mod bell;
+mod checks;
 mod client;
 mod cluster;
 mod demo;
@@ -218,6 +219,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The agents' application checks, across the fleet or of one device.
+    Checks {
+        /// Only this device's.
+        device: Option<String>,
+        /// Only checks in this status: ok, warning (warn), critical (crit), unknown.
+        #[arg(long)]
+        status: Option<String>,
+        /// JSON array of {device, name, kind, status, summary, since, output}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Online/offline events.
     Events {
         /// Only this device's.
@@ -393,6 +405,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 return usage("--metric must be one of cpu, temp, mem, load");
             }
             history::show(&client()?, &device, &metric, since, json).await?;
+            Ok(0)
+        }
+        Command::Checks { device, status, json } => {
+            let status = match status.as_deref().map(|s| (s, pulsebell_proto::CheckStatus::parse(s))) {
+                None => None,
+                Some((_, Some(s))) => Some(s.as_str()),
+                Some((s, None)) => return usage(&format!("--status `{s}`: use ok, warning, critical or unknown")),
+            };
+            checks::list(&client()?, device.as_deref(), status, json).await?;
             Ok(0)
         }
         Command::Events { device, since, json } => {

@@ -76,6 +76,17 @@ pub async fn show(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
     for (k, v) in rows {
         println!("{k:<14} {v}");
     }
+    for c in &d.checks {
+        println!(
+            "{:<14} {} {} ({}, since {}): {}",
+            "check",
+            c.name,
+            c.status.to_uppercase(),
+            c.kind,
+            c.since,
+            c.summary
+        );
+    }
     Ok(())
 }
 
@@ -119,8 +130,8 @@ fn short_uptime(secs: u64) -> String {
 
 /// The status table.
 pub fn render_table(devices: &[DeviceView], now: SystemTime) -> String {
-    let header = ["ID", "STATE", "LAST SEEN", "UPTIME", "CPU", "LOAD", "MEM", "DISK", "TEMP", "WARNINGS"];
-    let mut rows: Vec<[String; 10]> = vec![header.map(str::to_string)];
+    let header = ["ID", "STATE", "LAST SEEN", "UPTIME", "CPU", "LOAD", "MEM", "DISK", "TEMP", "CHECKS", "WARNINGS"];
+    let mut rows: Vec<[String; 11]> = vec![header.map(str::to_string)];
     for d in devices {
         let h = d.health.as_ref();
         let mut warnings: Vec<String> = h
@@ -147,10 +158,11 @@ pub fn render_table(devices: &[DeviceView], now: SystemTime) -> String {
             h.map(|h| pct(h.mem_used_bytes, h.mem_total_bytes)).unwrap_or_else(|| "-".into()),
             h.map(|h| pct(h.disk_used_bytes, h.disk_total_bytes)).unwrap_or_else(|| "-".into()),
             h.and_then(|h| h.temp_celsius).map(|t| format!("{t:.0}°C")).unwrap_or_else(|| "-".into()),
+            super::checks::summary_cell(&d.checks),
             if warnings.is_empty() { "-".into() } else { warnings.join(",") },
         ]);
     }
-    let widths: Vec<usize> = (0..10).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..11).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pulsebell_proto::{close, Hello, Pulse, ServerMsg};
+use pulsebell_proto::{close, CheckDigest, CheckReport, CheckStatus, Hello, Pulse, ServerMsg};
 use tracing::{info, warn};
 
 use crate::alerts::Raised;
@@ -36,7 +36,7 @@ use crate::history::{Accumulator, Bucket};
 use crate::liveness::{self, Effects};
 use crate::store::{Change, DeviceRecord, Enrolment, EventRecord, Owner, Reason, Store};
 
-pub use view::{DeviceView, LinkView};
+pub use view::{CheckRow, CheckView, DeviceView, LinkView};
 
 /// Something for one device's connection task to do.
 #[derive(Debug)]
@@ -238,6 +238,18 @@ pub struct Accepted {
     pub offline_after: Duration,
 }
 
+/// What became of a pulse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pulsed {
+    /// Taken in.
+    Accepted,
+    /// Taken in, but its check digest disagrees with the checks this
+    /// collector holds: ask the agent for all of them again.
+    ChecksDiffer,
+    /// From a connection that is no longer the device's current one.
+    Stale,
+}
+
 /// Why a Hello was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -401,6 +413,7 @@ impl Fleet {
             reason: Reason::Provisioned,
             at_ms: now_ms(),
             generation: 0,
+            check: None,
         });
         state.alerts.push(Raised::new(
             crate::store::AlertKind::Provisioned,
@@ -461,13 +474,20 @@ impl Fleet {
 
     /// Records a pulse from connection `generation`. Returns false if that
     /// connection is no longer the device's current one.
-    pub fn pulse(&self, id: &str, generation: u64, pulse: Pulse) -> bool {
+    pub fn pulse(&self, id: &str, generation: u64, pulse: Pulse, digest: Option<CheckDigest>) -> Pulsed {
         let now = now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(d) = state.devices.get_mut(id) else { return false };
+        let Some(d) = state.devices.get_mut(id) else { return Pulsed::Stale };
         if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return false;
+            return Pulsed::Stale;
+        }
+        let checks_differ = digest.is_some_and(|digest| CheckDigest::of(&d.record.checks) != digest);
+        // An agent of protocol version 1 has no checks: forget those of a
+        // newer agent the device ran before.
+        let forgot_checks = digest.is_none() && !d.record.checks.is_empty();
+        if forgot_checks {
+            d.record.checks.clear();
         }
         let was = d.state();
         let fx = liveness::pulsed(id, &mut d.record, generation, &pulse, now);
@@ -483,7 +503,7 @@ impl Fleet {
         if let Some(b) = finished {
             state.history.push((id.to_string(), b));
         }
-        let urgent = !fx.events.is_empty();
+        let urgent = !fx.events.is_empty() || forgot_checks;
         state.absorb(fx);
         if urgent {
             state.mark_dirty(id);
@@ -491,7 +511,27 @@ impl Fleet {
             state.mark_routine(id);
         }
         self.stats.pulses_accepted.fetch_add(1, Ordering::Relaxed);
-        true
+        if checks_differ {
+            Pulsed::ChecksDiffer
+        } else {
+            Pulsed::Accepted
+        }
+    }
+
+    /// Takes in a check report of connection `generation` (protocol
+    /// version 2); ignored from a connection that is no longer current.
+    pub fn checks(&self, id: &str, generation: u64, report: CheckReport) {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(d) = state.devices.get_mut(id) else { return };
+        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
+            return;
+        }
+        let fx = liveness::checks_reported(id, &mut d.record, report, generation, now);
+        state.absorb(fx);
+        // Other nodes should see a check change soon, like a liveness one.
+        state.mark_dirty(id);
     }
 
     /// Records a WebSocket ping round trip.
@@ -678,6 +718,25 @@ impl Fleet {
             ids
         });
         page::build(devices, ids, query, now, tally.summary())
+    }
+
+    /// Checks of every device (or of `device`; `None` when it is not
+    /// enrolled), those in `status` only if given, by device then name.
+    pub fn check_rows(&self, device: Option<&str>, status: Option<CheckStatus>) -> Option<Vec<CheckRow>> {
+        let state = self.lock();
+        let mut rows = vec![];
+        let mut add = |id: &str, d: &Device| {
+            for c in d.record.checks.iter().filter(|c| status.is_none_or(|s| c.status == s)) {
+                rows.push(CheckRow { device: id.to_string(), check: c.into() });
+            }
+        };
+        match device {
+            Some(id) => add(id, state.devices.get(id)?),
+            None => state.devices.iter().filter(|(_, d)| !d.record.checks.is_empty()).for_each(|(id, d)| add(id, d)),
+        }
+        drop(state);
+        rows.sort_by(|a, b| (&a.device, &a.check.name).cmp(&(&b.device, &b.check.name)));
+        Some(rows)
     }
 
     /// View of one device.

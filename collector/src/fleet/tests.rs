@@ -44,14 +44,18 @@ async fn connect(f: &Fleet, id: &str) -> (u64, super::OutboundRx) {
 async fn a_new_connection_replaces_the_old_and_the_old_ones_end_is_ignored() {
     let (f, store) = fleet("n1").await;
     let (g1, rx1) = connect(&f, "d1").await;
-    assert!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }));
+    assert_eq!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
     let (g2, _rx2) = connect(&f, "d1").await;
     assert!(g2 > g1);
     match rx1.try_recv() {
         Ok(Outbound::Close(code, _, Reason::Replaced)) => assert_eq!(code, close::REPLACED),
         other => panic!("old connection not told to close: {other:?}"),
     }
-    assert!(!f.pulse("d1", g1, Pulse { seq: 2, health: Health::default() }), "old generation refused");
+    assert_eq!(
+        f.pulse("d1", g1, Pulse { seq: 2, health: Health::default() }, None),
+        Pulsed::Stale,
+        "old generation refused"
+    );
     assert!(!f.offline("d1", g1, Reason::Disconnected), "old generation cannot end the new one");
     assert_eq!(f.view("d1").unwrap().state, "online");
     assert_eq!(f.view("d1").unwrap().node.as_deref(), Some("n1"));
@@ -137,14 +141,14 @@ async fn in_a_cluster_pulses_wait_for_the_sync_interval_but_liveness_does_not() 
     f.enroll(&["d1".to_string()], false).await.unwrap();
     let (g, _rx) = connect(&f, "d1").await;
     assert_eq!(f.take_batch(false).records.len(), 1, "a new connection goes out at once");
-    assert!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }));
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
     let b = f.take_batch(false);
     assert!(b.records.is_empty() && !b.complete, "a pulse waits for the sync interval");
     assert!(f.offline("d1", g, Reason::Silent));
     assert_eq!(f.take_batch(false).records.len(), 1, "going offline goes out at once");
-    assert!(f.pulse("d1", g, Pulse { seq: 2, health: Health::default() }));
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 2, health: Health::default() }, None), Pulsed::Accepted);
     assert_eq!(f.take_batch(false).records.len(), 1, "back online goes out at once");
-    assert!(f.pulse("d1", g, Pulse { seq: 3, health: Health::default() }));
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 3, health: Health::default() }, None), Pulsed::Accepted);
     assert!(f.take_batch(false).records.is_empty());
     let b = f.take_batch(true);
     assert_eq!((b.records.len(), b.complete), (1, true), "shutdown writes everything");
@@ -171,7 +175,11 @@ async fn the_tally_follows_every_change() {
     assert_eq!(summary(&f), ((4, 2, 0, 2), tags(&["kiosk", "t"])));
     assert!(f.offline("d1", g1, Reason::Silent));
     assert_eq!(summary(&f).0, (4, 1, 1, 2));
-    assert!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }), "back from silence");
+    assert_eq!(
+        f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }, None),
+        Pulsed::Accepted,
+        "back from silence"
+    );
     assert_eq!(summary(&f).0, (4, 2, 0, 2));
 
     // Another node's device, its owner, and that owner's loss.

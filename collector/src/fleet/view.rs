@@ -2,6 +2,7 @@
 //! `show --json`, the dashboard, metrics).
 
 use pulsebell_proto::view::HealthView;
+use pulsebell_proto::CheckResult;
 use serde::{Deserialize, Serialize};
 
 use super::link;
@@ -55,6 +56,50 @@ pub struct DeviceView {
     pub health: Option<HealthView>,
     /// Link quality.
     pub link: LinkView,
+    /// The agent's checks as last reported, by name (agents of protocol
+    /// version 2 and later).
+    #[serde(default)]
+    pub checks: Vec<CheckView>,
+}
+
+/// One of a device's checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckView {
+    /// Name from the agent's config.
+    pub name: String,
+    /// `unit`, `command`, `http`, `tcp` or `process`.
+    pub kind: String,
+    /// `ok`, `warning`, `critical` or `unknown`.
+    pub status: String,
+    /// One line: what the check saw.
+    pub summary: String,
+    /// Since when it has had this status (the agent's clock), RFC 3339.
+    pub since: String,
+    /// Tail of the check's output.
+    pub output: String,
+}
+
+/// One check of one device, as `GET /v1/checks` and `checks --json` list it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckRow {
+    /// Device id.
+    pub device: String,
+    /// The check.
+    #[serde(flatten)]
+    pub check: CheckView,
+}
+
+impl From<&CheckResult> for CheckView {
+    fn from(c: &CheckResult) -> CheckView {
+        CheckView {
+            name: c.name.clone(),
+            kind: c.kind.as_str().into(),
+            status: c.status.as_str().into(),
+            summary: c.summary.clone(),
+            since: rfc3339(c.since_ms),
+            output: c.output.clone(),
+        }
+    }
 }
 
 /// Link quality in the device view.
@@ -113,6 +158,7 @@ pub fn build(
             rtt_ms: r.link.rtt_ms,
             flaky: link::flaky(&r.link, reconnects_24h),
         },
+        checks: r.checks.iter().map(CheckView::from).collect(),
     }
 }
 

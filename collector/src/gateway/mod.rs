@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pulsebell_proto::provision::{Provisioned, DEVICE_ID_HEADER, PROVISION_PATH};
-use pulsebell_proto::{close, SUBPROTOCOL, WS_PATH};
+use pulsebell_proto::{close, subprotocol, subprotocol_version, WS_PATH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -193,8 +193,8 @@ type DeviceWs = Box<tokio_tungstenite::WebSocketStream<tls::TlsStream>>;
 
 /// What a finished handshake leads to.
 enum Upgraded {
-    /// A device's session.
-    Device(DeviceWs, String),
+    /// A device's session, with the protocol version negotiated.
+    Device(DeviceWs, String, u16),
     /// A provisioning request: key and wanted device id.
     Provision(DeviceWs, String, String),
 }
@@ -208,9 +208,9 @@ async fn open(
 ) -> Option<session::Live> {
     let deadline = tokio::time::Instant::now() + gw.limits.handshake_timeout;
     match handshake(gw, tcp, peer, deadline).await? {
-        Upgraded::Device(ws, device) => {
-            debug!(%peer, device, "upgraded");
-            session::open(gw, ws, device, peer, deadline, shutdown).await
+        Upgraded::Device(ws, device, version) => {
+            debug!(%peer, device, version, "upgraded");
+            session::open(gw, ws, device, version, peer, deadline, shutdown).await
         }
         Upgraded::Provision(ws, key, wanted) => {
             provision_device(gw, ws, peer, &key, &wanted).await;
@@ -242,7 +242,7 @@ async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tok
             }
         }
     };
-    let mut device: Option<String> = None;
+    let mut device: Option<(String, u16)> = None;
     let mut provision: Option<(String, String)> = None;
     let mut refusal: Option<&'static str> = None;
     // tungstenite's callback signature fixes the error type.
@@ -288,19 +288,26 @@ async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tok
                 }
             }
         };
+        // The newest version both sides speak: agents offer every version
+        // they speak, so an agent of the previous version keeps working.
         let offered = req
             .headers()
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == SUBPROTOCOL);
-        if !offered {
+            .filter_map(|p| subprotocol_version(p.trim()))
+            .max();
+        let Some(version) = offered else {
             refusal = Some("subprotocol");
-            return Err(reject(StatusCode::BAD_REQUEST, "the pulsebell.v1 subprotocol is required"));
-        }
-        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
-        device = Some(id);
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "a pulsebell subprotocol this collector speaks (pulsebell.v1, pulsebell.v2) is required",
+            ));
+        };
+        let name = subprotocol(version).expect("a version we speak");
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(name));
+        device = Some((id, version));
         Ok(resp)
     };
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(tls, callback, Some(gw.ws_config()));
@@ -319,7 +326,7 @@ async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tok
     if let Some((key, wanted)) = provision {
         return Some(Upgraded::Provision(Box::new(ws), key, wanted));
     }
-    device.map(|d| Upgraded::Device(Box::new(ws), d))
+    device.map(|(d, version)| Upgraded::Device(Box::new(ws), d, version))
 }
 
 /// A provisioning request after the upgrade: the token in one binary

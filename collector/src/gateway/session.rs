@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use pulsebell_proto::{
-    close, decode, encode, peek_hello_version, AgentMsg, DecodeError, ServerMsg, Welcome, PROTOCOL_VERSION,
+    close, decode, encode, peek_hello_version, AgentMsg, DecodeError, ServerMsg, Welcome, OLDEST_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -27,7 +28,7 @@ use tracing::{debug, info};
 
 use super::Gateway;
 use crate::clock::now_ms;
-use crate::fleet::{Outbound, Refused};
+use crate::fleet::{Outbound, Pulsed, Refused};
 use crate::store::Reason;
 
 /// Boxed, see `gateway::DeviceWs`.
@@ -83,11 +84,11 @@ impl End {
 }
 
 fn decode_error_end(bytes: &[u8], e: DecodeError) -> End {
-    if let Some(v) = peek_hello_version(bytes).filter(|v| *v != PROTOCOL_VERSION) {
+    if let Some(v) = peek_hello_version(bytes).filter(|v| !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(v)) {
         return End::closing(
             Reason::Disconnected,
             close::VERSION_MISMATCH,
-            format!("unsupported protocol version {v}; this collector speaks {PROTOCOL_VERSION}"),
+            format!("unsupported protocol version {v}; this collector speaks {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"),
         );
     }
     match e {
@@ -129,6 +130,8 @@ async fn send(ws: &mut Ws, msg: &ServerMsg) -> bool {
 pub struct Live {
     ws: Ws,
     device: String,
+    /// Protocol version negotiated for the connection.
+    version: u16,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     rx: crate::fleet::OutboundRx,
@@ -145,6 +148,7 @@ pub async fn open(
     gw: &Gateway,
     mut ws: Ws,
     device: String,
+    version: u16,
     peer: SocketAddr,
     hello_deadline: Instant,
     mut shutdown: watch::Receiver<bool>,
@@ -162,11 +166,11 @@ pub async fn open(
         Ok(None) => Err(End::gone()),
         Ok(Some(Err(e))) => Err(read_error_end(e)),
         Ok(Some(Ok(Message::Binary(bytes)))) => match decode::<AgentMsg>(&bytes) {
-            Ok(AgentMsg::Hello(h)) if h.protocol_version != PROTOCOL_VERSION => Err(End::closing(
+            Ok(AgentMsg::Hello(h)) if h.protocol_version != version => Err(End::closing(
                 Reason::Disconnected,
                 close::VERSION_MISMATCH,
                 format!(
-                    "unsupported protocol version {}; this collector speaks {PROTOCOL_VERSION}",
+                    "Hello says protocol version {} but the connection negotiated {version} (pulsebell.v{version})",
                     h.protocol_version
                 ),
             )),
@@ -176,10 +180,13 @@ pub async fn open(
                 format!("Hello names device `{}` but the token belongs to `{device}`", h.device_id),
             )),
             Ok(AgentMsg::Hello(h)) => Ok(h),
-            Ok(AgentMsg::Pulse(_)) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Pulse before Hello")),
+            Ok(AgentMsg::Pulse(_) | AgentMsg::CheckedPulse(..)) => {
+                Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Pulse before Hello"))
+            }
             Ok(AgentMsg::BellReport(_)) => {
                 Err(End::closing(Reason::Disconnected, close::PROTOCOL, "BellReport before Hello"))
             }
+            Ok(AgentMsg::Checks(_)) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Checks before Hello")),
             Err(e) => Err(decode_error_end(&bytes, e)),
         },
         Ok(Some(Ok(Message::Text(_)))) => Err(End::closing(
@@ -240,7 +247,7 @@ pub async fn open(
     let generation = accepted.generation;
     info!(%peer, device, generation, "connected");
     let welcome = ServerMsg::Welcome(Welcome {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: version,
         server_time_ms: now_ms(),
         interval_ms: interval.as_millis() as u32,
         offline_after_ms: accepted.offline_after.as_millis() as u32,
@@ -255,13 +262,13 @@ pub async fn open(
         let device = device.clone();
         tokio::spawn(async move { bells.on_connect(&device).await });
     }
-    Some(Live { ws, device, peer, shutdown, rx, generation, interval, offline_after: accepted.offline_after })
+    Some(Live { ws, device, version, peer, shutdown, rx, generation, interval, offline_after: accepted.offline_after })
 }
 
 /// The connection's loop: pulses and bell reports in, bells and pings out,
 /// until it ends; then the close and the offline record.
 pub async fn serve(gw: &Gateway, live: Live) {
-    let Live { mut ws, device, peer, mut shutdown, rx, generation, interval, offline_after } = live;
+    let Live { mut ws, device, version, peer, mut shutdown, rx, generation, interval, offline_after } = live;
     let mut rx = rx.into_stream();
     // 3. The loop. One timer per connection, aimed at the earlier of the
     // silence deadline and the next ping, on a coarse grid (see `Timer`).
@@ -279,6 +286,9 @@ pub async fn serve(gw: &Gateway, live: Live) {
     // most connections never carry one, and an idle task and its queue
     // would cost every connection a few KiB.
     let mut reporter: Option<Reporter> = None;
+    // Whether this connection asked the agent to resend its checks and no
+    // full report came yet.
+    let mut resend_asked = false;
     let end = loop {
         tokio::select! {
             // Close requests (replaced, revoked, cut off) before anything else.
@@ -304,12 +314,36 @@ pub async fn serve(gw: &Gateway, live: Live) {
                         break End::closing(Reason::RateLimited, close::POLICY, "rate_limited");
                     }
                     match decode::<AgentMsg>(&bytes) {
+                        Ok(m) if m.since_version() > version => break End::closing(
+                            Reason::Disconnected,
+                            close::PROTOCOL,
+                            format!("message of protocol version {} on a version {version} connection", m.since_version()),
+                        ),
                         Ok(AgentMsg::Pulse(p)) => {
-                            if !gw.fleet.pulse(&device, generation, p) {
+                            if gw.fleet.pulse(&device, generation, p, None) == Pulsed::Stale {
                                 break End::closing(Reason::Disconnected, close::REPLACED, "replaced by a newer connection");
                             }
                             silent_at = Instant::now() + offline_after;
                             armed = true;
+                        }
+                        Ok(AgentMsg::CheckedPulse(p, digest)) => {
+                            match gw.fleet.pulse(&device, generation, p, Some(digest)) {
+                                Pulsed::Stale => break End::closing(Reason::Disconnected, close::REPLACED, "replaced by a newer connection"),
+                                // Once per report: the agent answers with a full one.
+                                Pulsed::ChecksDiffer if !resend_asked => {
+                                    resend_asked = true;
+                                    if !send(&mut ws, &ServerMsg::ResendChecks).await {
+                                        break End::gone();
+                                    }
+                                }
+                                Pulsed::ChecksDiffer | Pulsed::Accepted => {}
+                            }
+                            silent_at = Instant::now() + offline_after;
+                            armed = true;
+                        }
+                        Ok(AgentMsg::Checks(report)) => {
+                            resend_asked &= !report.full;
+                            gw.fleet.checks(&device, generation, report);
                         }
                         Ok(AgentMsg::BellReport(r)) => {
                             let reporter = reporter.get_or_insert_with(|| Reporter::start(gw, &device));

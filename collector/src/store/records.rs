@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use pulsebell_proto::{Health, Hello};
+use pulsebell_proto::{CheckResult, Health, Hello};
 use serde::{Deserialize, Serialize};
 
 /// Why a device's liveness changed: the reason of an [`EventRecord`] and a
@@ -42,6 +42,8 @@ pub enum Reason {
     Rebooting,
     /// A device enrolled itself with a provisioning key.
     Provisioned,
+    /// One of the agent's checks changed status (the event names it).
+    Check,
     /// A reason written by a newer version of the collector.
     #[serde(other)]
     Unknown,
@@ -64,6 +66,7 @@ impl Reason {
             Reason::AgentStopped => "agent_stopped",
             Reason::Rebooting => "rebooting",
             Reason::Provisioned => "provisioned",
+            Reason::Check => "check",
             Reason::Unknown => "unknown",
         }
     }
@@ -142,6 +145,11 @@ pub struct DeviceRecord {
     /// Link quality.
     #[serde(default)]
     pub link: LinkStats,
+    /// The agent's checks as last reported, by name (protocol version 2;
+    /// empty for agents of version 1). Last, so that records written
+    /// before checks existed decode with none (see `store/sled.rs`).
+    #[serde(default)]
+    pub checks: Vec<CheckResult>,
 }
 
 /// States of a bell.
@@ -265,6 +273,11 @@ pub enum EventKind {
     Offline,
     /// The device enrolled itself with a provisioning key.
     Provisioned,
+    /// One of its checks left OK (or first reported not OK), or went from
+    /// one failing status to another.
+    CheckFailed,
+    /// One of its checks is OK again.
+    CheckRecovered,
 }
 
 /// A liveness transition.
@@ -280,6 +293,20 @@ pub struct EventRecord {
     pub at_ms: u64,
     /// Connection generation it belongs to.
     pub generation: u64,
+    /// The check, for `check_failed` / `check_recovered`: name and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckEvent>,
+}
+
+/// What a check event is about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckEvent {
+    /// The check's name.
+    pub name: String,
+    /// Its new status (`ok`, `warning`, `critical`, `unknown`).
+    pub status: String,
+    /// Its summary line.
+    pub summary: String,
 }
 
 /// Who holds a device's connection (cluster mode): the node and the
@@ -334,11 +361,28 @@ pub enum AlertKind {
     AgentStopped,
     /// A device enrolled itself with a provisioning key.
     Provisioned,
+    /// A check on the device is failing (warning, critical or unknown).
+    CheckFailed,
+    /// A failing check is OK again.
+    CheckRecovered,
 }
 
 impl AlertKind {
+    /// Every kind.
+    pub const ALL: [AlertKind; 9] = [
+        AlertKind::DeviceOffline,
+        AlertKind::DeviceOnline,
+        AlertKind::UnderVoltage,
+        AlertKind::Throttled,
+        AlertKind::BellFailed,
+        AlertKind::AgentStopped,
+        AlertKind::Provisioned,
+        AlertKind::CheckFailed,
+        AlertKind::CheckRecovered,
+    ];
+
     /// The snake_case name (config `events` values).
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             AlertKind::DeviceOffline => "device_offline",
             AlertKind::DeviceOnline => "device_online",
@@ -347,6 +391,8 @@ impl AlertKind {
             AlertKind::BellFailed => "bell_failed",
             AlertKind::AgentStopped => "agent_stopped",
             AlertKind::Provisioned => "provisioned",
+            AlertKind::CheckFailed => "check_failed",
+            AlertKind::CheckRecovered => "check_recovered",
         }
     }
 }

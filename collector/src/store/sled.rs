@@ -1,17 +1,21 @@
 //! [`Store`] on sled, the embedded default.
 //!
-//! Trees:
+//! Trees of the main database, at `dir`:
 //! - `enrolments`: device id → [`Enrolment`] (JSON)
-//! - `devices`: device id → [`DeviceRecord`] (JSON)
-//! - `bells`: id (u64 BE) → [`BellRecord`] (JSON)
-//! - `bells_by_device`: device id, 0, id (u64 BE) → ()
-//! - `bells_pending`: id (u64 BE) → () for bells not in a final state
+//! - `devices`: device id → [`DeviceRecord`] (postcard, see below)
 //! - `events`: at_ms (u64 BE), seq (u64 BE) → [`EventRecord`] (JSON)
 //! - `outbox`: alert id (u64 BE) → [`OutboxEntry`] (JSON)
 //! - `generations`: device id → newest connection generation (u64 BE)
 //! - `provision`: provisioning key id → [`ProvisionKey`] (JSON)
 //! - `meta`: `instance` → random id of this database
 //! - `history`: device id, 0, hour (u32 BE) → that hour's minutes, `Vec<StoredBucket>` (postcard)
+//!
+//! Trees of the bells' own database, at `dir/bells` (see [`BELLS_DIR`]):
+//! - `bells`: id (u64 BE) → [`BellRecord`] (JSON)
+//! - `bells_by_device`: device id, 0, id (u64 BE) → ()
+//! - `bells_pending`: id (u64 BE) → () for bells not in a final state
+//! - `meta`: `bell_seq` → the last bell id handed out (u64 BE),
+//!   `migrated` → set once bells of an earlier version were moved here
 //!
 //! Values are JSON so records can gain fields (`#[serde(default)]`)
 //! without a migration.
@@ -34,6 +38,11 @@ pub struct SledStore {
 
 struct Inner {
     db: ::sled::Db,
+    /// Bells live in a sled database of their own: sled flushes one log
+    /// per database, and a bell's flush (accepted, then finished) must not
+    /// wait behind the write-back's flush of thousands of device records.
+    bells_db: ::sled::Db,
+    bells_meta: Tree,
     enrolments: Tree,
     devices: Tree,
     bells: Tree,
@@ -42,7 +51,6 @@ struct Inner {
     events: Tree,
     history: Tree,
     outbox: Tree,
-    meta: Tree,
     generations: Tree,
     provision: Tree,
     instance: String,
@@ -70,7 +78,13 @@ fn corrupt(tree: &'static str, key: &[u8], error: impl std::fmt::Display) -> Sto
 /// JSON (field names and numbers as text), in memory and on disk, and
 /// cheaper to encode. Records of earlier versions are JSON objects, which
 /// start with `{`, and are still read.
-const DEVICE_RECORD_POSTCARD: u8 = 1;
+///
+/// Tag 1: the record before checks. Tag 2: with `checks` appended. A tag-1
+/// record is a tag-2 one without its last field, and postcard writes an
+/// empty list as the single byte 0: a tag-1 record reads as tag 2 with
+/// that byte appended.
+const DEVICE_RECORD_POSTCARD_V1: u8 = 1;
+const DEVICE_RECORD_POSTCARD: u8 = 2;
 
 fn encode_device(rec: &DeviceRecord) -> Result<Vec<u8>> {
     postcard::to_extend(rec, vec![DEVICE_RECORD_POSTCARD]).map_err(|e| StoreError::db("encoding a device record", e))
@@ -79,6 +93,12 @@ fn encode_device(rec: &DeviceRecord) -> Result<Vec<u8>> {
 fn decode_device(key: &[u8], bytes: &[u8]) -> Result<DeviceRecord> {
     match bytes.split_first() {
         Some((&DEVICE_RECORD_POSTCARD, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt("devices", key, e)),
+        Some((&DEVICE_RECORD_POSTCARD_V1, rest)) => {
+            let mut v2 = Vec::with_capacity(rest.len() + 1);
+            v2.extend_from_slice(rest);
+            v2.push(0); // no checks
+            postcard::from_bytes(&v2).map_err(|e| corrupt("devices", key, e))
+        }
         _ => decode("devices", key, bytes),
     }
 }
@@ -96,6 +116,16 @@ fn history_key(device: &str, hour: u32) -> Vec<u8> {
     k.extend_from_slice(&hour.to_be_bytes());
     k
 }
+
+/// The bells' own database, a directory inside the main one so the store
+/// stays one directory to back up.
+pub const BELLS_DIR: &str = "bells";
+
+/// Set in the bells database once bells of an earlier version (kept in the
+/// main database) were copied over; the main database's copies go after.
+const BELLS_MIGRATED: &str = "migrated";
+
+const BELL_TREES: [&str; 3] = ["bells", "bells_by_device", "bells_pending"];
 
 fn device_prefix(device: &str) -> Vec<u8> {
     let mut k = device.as_bytes().to_vec();
@@ -119,16 +149,23 @@ impl SledStore {
 
 impl Inner {
     fn open(dir: &Path, cache_bytes: u64) -> Result<Inner> {
-        let db = ::sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            // We flush explicitly where durability matters; sled's own
-            // periodic flush covers the rest.
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| StoreError::db(format!("cannot open sled at {}", dir.display()), e))?;
+        let open = |path: &Path, cache: u64| {
+            ::sled::Config::new()
+                .path(path)
+                .cache_capacity(cache)
+                // We flush explicitly where durability matters; sled's own
+                // periodic flush covers the rest.
+                .flush_every_ms(Some(1000))
+                .open()
+                .map_err(|e| StoreError::db(format!("cannot open sled at {}", path.display()), e))
+        };
+        let db = open(dir, cache_bytes)?;
+        let bells_db = open(&dir.join(BELLS_DIR), (cache_bytes / 4).max(1 << 20))?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        let bell_tree = |name: &str| bells_db.open_tree(name).map_err(db_err);
         let meta = tree("meta")?;
+        let bells_meta = bell_tree("meta")?;
+        migrate_bells(&db, &meta, &bells_db, &bells_meta)?;
         let instance = match meta.get("instance").map_err(db_err)? {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
             None => {
@@ -142,21 +179,61 @@ impl Inner {
             provision: tree("provision")?,
             enrolments: tree("enrolments")?,
             devices: tree("devices")?,
-            bells: tree("bells")?,
-            bells_by_device: tree("bells_by_device")?,
-            bells_pending: tree("bells_pending")?,
+            bells: bell_tree("bells")?,
+            bells_by_device: bell_tree("bells_by_device")?,
+            bells_pending: bell_tree("bells_pending")?,
             events: tree("events")?,
             history: tree("history")?,
             outbox: tree("outbox")?,
-            meta,
+            bells_meta,
             instance,
             db,
+            bells_db,
         })
+    }
+
+    /// Flushes the bells' database only.
+    fn flush_bells(&self) -> Result<()> {
+        self.bells_db.flush().map(|_| ()).map_err(db_err)
     }
 
     fn flush_now(&self) -> Result<()> {
         self.db.flush().map(|_| ()).map_err(db_err)
     }
+}
+
+/// Moves bells written by an earlier version (in the main database) into
+/// the bells' own. Crash-safe in any order: the copy is redone until the
+/// marker is flushed, and the old trees are dropped only after it.
+fn migrate_bells(db: &::sled::Db, meta: &Tree, bells_db: &::sled::Db, bells_meta: &Tree) -> Result<()> {
+    if bells_meta.get(BELLS_MIGRATED).map_err(db_err)?.is_none() {
+        let names = db.tree_names();
+        for name in BELL_TREES {
+            let to = bells_db.open_tree(name).map_err(db_err)?;
+            to.clear().map_err(db_err)?;
+            if names.iter().any(|n| n.as_ref() == name.as_bytes()) {
+                for kv in db.open_tree(name).map_err(db_err)?.iter() {
+                    let (k, v) = kv.map_err(db_err)?;
+                    to.insert(k, v).map_err(db_err)?;
+                }
+            }
+        }
+        match meta.get("bell_seq").map_err(db_err)? {
+            Some(seq) => bells_meta.insert("bell_seq", seq).map_err(db_err)?,
+            None => bells_meta.remove("bell_seq").map_err(db_err)?,
+        };
+        bells_meta.insert(BELLS_MIGRATED, &[1u8][..]).map_err(db_err)?;
+        bells_db.flush().map_err(db_err)?;
+    }
+    let mut dropped = false;
+    for name in BELL_TREES {
+        dropped |= db.drop_tree(name).map_err(db_err)?;
+    }
+    dropped |= meta.remove("bell_seq").map_err(db_err)?.is_some();
+    if dropped {
+        db.flush().map_err(db_err)?;
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -211,7 +288,7 @@ impl Inner {
         // with the bell that uses it (put_bells flushes); a crash before
         // that can only reuse an id that was never returned.
         let next = self
-            .meta
+            .bells_meta
             .update_and_fetch("bell_seq", |old| {
                 let n = old.and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
                 Some((n + 1).to_be_bytes().to_vec())
@@ -239,7 +316,7 @@ impl Inner {
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e: TransactionError<()>| db_err(format!("{e:?}")))?;
-        self.flush_now()
+        self.flush_bells()
     }
 
     fn bell(&self, id: u64) -> Result<Option<BellRecord>> {
@@ -468,8 +545,9 @@ impl Inner {
         Ok(done)
     }
 
-    /// Replaces bell `id` if it still holds `old`; flushed. Whether it did.
-    fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool) -> Result<bool> {
+    /// Replaces bell `id` if it still holds `old`; flushed if `flush`.
+    /// Whether it did.
+    fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool, flush: bool) -> Result<bool> {
         let key = id.to_be_bytes();
         let done = (&self.bells, &self.bells_pending)
             .transaction(|(bells_t, pending_t)| {
@@ -485,14 +563,15 @@ impl Inner {
                 Ok::<bool, ConflictableTransactionError<()>>(true)
             })
             .map_err(|e: TransactionError<()>| db_err(format!("{e:?}")))?;
-        if done {
-            self.flush_now()?;
+        if done && flush {
+            self.flush_bells()?;
         }
         Ok(done)
     }
 
     fn flush(&self) -> Result<()> {
-        self.flush_now()
+        self.flush_now()?;
+        self.flush_bells()
     }
 }
 
@@ -573,7 +652,7 @@ impl Store for SledStore {
         self.blocking(move |s| s.put_bells(&bells)).await
     }
 
-    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>> {
+    async fn update_bell(&self, id: u64, change: BellChange<'_>, durability: Durability) -> Result<Option<BellRecord>> {
         let key = id.to_be_bytes();
         loop {
             let Some(old) = self.inner.bells.get(key).map_err(db_err)? else { return Ok(None) };
@@ -582,7 +661,8 @@ impl Store for SledStore {
             new.version = current.version + 1;
             let bytes = encode(&new)?;
             let is_final = new.state.is_final();
-            if self.blocking(move |s| s.cas_bell(id, old, bytes, is_final)).await? {
+            let flush = durability == Durability::Flushed;
+            if self.blocking(move |s| s.cas_bell(id, old, bytes, is_final, flush)).await? {
                 return Ok(Some(new));
             }
         }
@@ -690,6 +770,22 @@ mod tests {
         }
     }
 
+    /// Opens the store again after the test dropped its last handle.
+    /// sled finishes a dropped database's writes on its own I/O threads,
+    /// which hold the directory's lock until they are done; sled offers no
+    /// way to wait for them, so poll for the lock (bounded).
+    fn reopen(dir: &Path) -> SledStore {
+        for _ in 0..500 {
+            match SledStore::open(dir, 1 << 20) {
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("{} stayed locked for 5 s", dir.display())
+    }
+
     fn device_record() -> DeviceRecord {
         DeviceRecord {
             hello: Some(pulsebell_proto::Hello {
@@ -724,6 +820,7 @@ mod tests {
                 connects_ms: vec![1_764_400_000_000],
                 rtt_ms: Some(1.5),
             },
+            checks: vec![],
         }
     }
 
@@ -742,7 +839,7 @@ mod tests {
             assert!(stored.len() * 3 < json.len(), "postcard {} B vs JSON {} B", stored.len(), json.len());
             s.inner.db.flush().unwrap();
         }
-        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let s = reopen(dir.path());
         let mut states = s.device_states().await.unwrap();
         states.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(states, [("new".to_string(), rec.clone()), ("old".to_string(), rec)]);
@@ -759,8 +856,8 @@ mod tests {
     /// `DEVICE_RECORD_POSTCARD`); then update these bytes.
     #[test]
     fn device_record_layout_is_frozen() {
-        let bytes = encode_device(&device_record()).unwrap();
-        let golden = concat!(
+        // Tag 1, as versions before checks wrote it: still reads, with none.
+        let v1 = concat!(
             "0101010470692d3705302e312e302436663163326139652d346237642d346530612d396333662d30",
             "30303030303030303030370470692d371e44656269616e20474e552f4c696e75782031322028626f",
             "6f6b776f726d2911362e362e33312b7270742d7270692d76380761617263683634011e5261737062",
@@ -768,7 +865,27 @@ mod tests {
             "7265626f6f74017d000000e087ed0100000000000180080000000080870101809a95a3ad33030101",
             "0380870102010180d8bdf3ac3301000000000000f83f",
         );
+        assert_eq!(decode_device(b"pi-7", &hex::decode(v1).unwrap()).unwrap(), device_record());
+        // Tag 2: the same bytes, then the checks.
+        let mut rec = device_record();
+        rec.checks = vec![pulsebell_proto::CheckResult {
+            name: "app".into(),
+            kind: pulsebell_proto::CheckKind::Unit,
+            status: pulsebell_proto::CheckStatus::Critical,
+            summary: "app.service is failed".into(),
+            output: String::new(),
+            since_ms: 1_764_500_000_000,
+        }];
+        let bytes = encode_device(&rec).unwrap();
+        // One check: name, kind (unit), status (critical), summary, no
+        // output, since.
+        let golden = format!("02{}01036170700002156170702e73657276696365206973206661696c656400809a95a3ad33", &v1[2..]);
         assert_eq!(hex::encode(&bytes), golden, "device record layout changed");
+        assert_eq!(decode_device(b"pi-7", &bytes).unwrap(), rec);
+        assert_eq!(
+            encode_device(&device_record()).unwrap()[1..],
+            hex::decode(v1).unwrap()[1..].iter().chain(&[0]).copied().collect::<Vec<_>>()[..]
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -797,11 +914,12 @@ mod tests {
                 reason: Reason::Connected,
                 at_ms: 5,
                 generation: 1,
+                check: None,
             }])
             .await
             .unwrap();
         }
-        let s = SledStore::open(dir.path(), 1 << 20).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.enrolments().await.unwrap().len(), 1);
         assert_eq!(s.device_states().await.unwrap()[0].1.last_seq, 7);
         let pending = s.pending_bells().await.unwrap();
@@ -834,6 +952,44 @@ mod tests {
         assert_eq!(s.claim("a", "n", 0).await.unwrap(), 9);
     }
 
+    /// A store written before bells had their own database: its bells, their
+    /// indexes and the bell counter move over on open, once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bells_of_an_earlier_version_move_to_their_own_database() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The earlier layout: everything in one database.
+            let db = ::sled::open(dir.path()).unwrap();
+            let queued = bell(6, "a", BellStatus::Queued);
+            let done = bell(7, "b", BellStatus::Succeeded);
+            let bells = db.open_tree("bells").unwrap();
+            for b in [&queued, &done] {
+                bells.insert(b.id.to_be_bytes(), serde_json::to_vec(b).unwrap()).unwrap();
+                db.open_tree("bells_by_device").unwrap().insert(by_device_key(&b.device, b.id), &[]).unwrap();
+            }
+            db.open_tree("bells_pending").unwrap().insert(6u64.to_be_bytes(), &[]).unwrap();
+            db.open_tree("meta").unwrap().insert("bell_seq", &7u64.to_be_bytes()).unwrap();
+            db.open_tree("meta").unwrap().insert("instance", "0123456789abcdef").unwrap();
+            db.flush().unwrap();
+        }
+        for round in 0..2 {
+            let s = reopen(dir.path());
+            assert_eq!(s.instance_id(), "0123456789abcdef");
+            let pending = s.pending_bells().await.unwrap();
+            assert_eq!(pending.iter().map(|b| b.id).collect::<Vec<_>>(), [6], "round {round}");
+            assert_eq!(s.bells(Some("b"), 10).await.unwrap()[0].state, BellStatus::Succeeded);
+            assert_eq!(s.bells(None, 10).await.unwrap().len(), 2 + round);
+            // The counter carries on from the old one.
+            let id = s.next_bell_id().await.unwrap();
+            assert_eq!(id, 8 + round as u64);
+            s.put_bells(&[bell(id, "c", BellStatus::Succeeded)]).await.unwrap();
+            // The main database no longer holds bells.
+            let names = s.inner.db.tree_names();
+            assert!(!names.iter().any(|n| n.as_ref() == b"bells"), "round {round}");
+            assert!(s.inner.db.open_tree("meta").unwrap().get("bell_seq").unwrap().is_none());
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn bell_updates_compare_and_set() {
         let dir = tempfile::tempdir().unwrap();
@@ -842,12 +998,12 @@ mod tests {
         let to_sent = |b: &BellRecord| {
             (b.state == BellStatus::Queued).then(|| BellRecord { state: BellStatus::Sent, ..b.clone() })
         };
-        let got = s.update_bell(1, &to_sent).await.unwrap().unwrap();
+        let got = s.update_bell(1, &to_sent, Durability::Flushed).await.unwrap().unwrap();
         assert_eq!((got.state, got.version), (BellStatus::Sent, 1));
-        assert!(s.update_bell(1, &to_sent).await.unwrap().is_none(), "no longer queued");
-        assert!(s.update_bell(2, &to_sent).await.unwrap().is_none(), "no such bell");
+        assert!(s.update_bell(1, &to_sent, Durability::Flushed).await.unwrap().is_none(), "no longer queued");
+        assert!(s.update_bell(2, &to_sent, Durability::Flushed).await.unwrap().is_none(), "no such bell");
         let done = |b: &BellRecord| Some(BellRecord { state: BellStatus::Succeeded, ..b.clone() });
-        assert_eq!(s.update_bell(1, &done).await.unwrap().unwrap().version, 2);
+        assert_eq!(s.update_bell(1, &done, Durability::Journaled).await.unwrap().unwrap().version, 2);
         assert!(s.pending_bells().await.unwrap().is_empty());
     }
 }
