@@ -147,7 +147,9 @@ struct SentChecks {
 impl SentChecks {
     /// The report that brings the collector from what it was told to
     /// `now`: everything when `full` or when a check went away, otherwise
-    /// the checks whose status or summary changed. `None` when nothing did.
+    /// the checks whose status changed (a new summary alone, such as a
+    /// response time, travels with the check's next change). `None` when
+    /// nothing did.
     fn report(&mut self, now: Arc<Vec<CheckResult>>, full: bool) -> Option<CheckReport> {
         // A check that has not run yet is not news: it is reported with its
         // first result.
@@ -161,11 +163,8 @@ impl SentChecks {
         if full || gone {
             return Some(CheckReport { full: true, results: now.to_vec() });
         }
-        let changed: Vec<CheckResult> = now
-            .iter()
-            .filter(|n| !before.iter().any(|b| b.name == n.name && b.status == n.status && b.summary == n.summary))
-            .cloned()
-            .collect();
+        let changed: Vec<CheckResult> =
+            now.iter().filter(|n| !before.iter().any(|b| b.name == n.name && b.status == n.status)).cloned().collect();
         (!changed.is_empty()).then_some(CheckReport { full: false, results: changed })
     }
 
@@ -461,5 +460,50 @@ async fn watchdog_loop(mut pulses: watch::Receiver<Option<Pulse>>, interval: Dur
         } else {
             warn!("sampling has stalled; no longer petting the systemd watchdog");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pulsebell_proto::{CheckKind, CheckStatus};
+
+    use super::*;
+
+    fn r(name: &str, status: CheckStatus, summary: &str) -> CheckResult {
+        CheckResult {
+            name: name.into(),
+            kind: CheckKind::Tcp,
+            status,
+            summary: summary.into(),
+            output: String::new(),
+            since_ms: 1,
+        }
+    }
+
+    fn names(report: &CheckReport) -> Vec<&str> {
+        report.results.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn sent_checks_report_what_changed_and_count_what_was_sent() {
+        let mut sent = SentChecks::default();
+        let pending = r("b", CheckStatus::Unknown, crate::checks::PENDING);
+        // The first report is full, without checks that have not run yet.
+        let first = sent.report(Arc::new(vec![r("a", CheckStatus::Ok, "1 ms"), pending.clone()]), true).unwrap();
+        assert!(first.full);
+        assert_eq!(names(&first), ["a"]);
+        assert_eq!(sent.digest(), CheckDigest { ok: 1, ..CheckDigest::default() });
+        // A new summary alone is no news; b's first result is.
+        let now = vec![r("a", CheckStatus::Ok, "2 ms"), r("b", CheckStatus::Critical, "refused")];
+        let second = sent.report(Arc::new(now.clone()), false).unwrap();
+        assert!(!second.full);
+        assert_eq!(names(&second), ["b"]);
+        assert_eq!(sent.digest(), CheckDigest { ok: 1, critical: 1, ..CheckDigest::default() });
+        assert!(sent.report(Arc::new(now), false).is_none(), "nothing changed");
+        // A check that went away makes the report full.
+        let third = sent.report(Arc::new(vec![r("b", CheckStatus::Ok, "fine")]), false).unwrap();
+        assert!(third.full);
+        assert_eq!(names(&third), ["b"]);
+        assert_eq!(sent.digest(), CheckDigest { ok: 1, ..CheckDigest::default() });
     }
 }

@@ -62,6 +62,10 @@ pub struct RingRequest {
     /// Run-time limit, ms.
     #[serde(default)]
     pub timeout_ms: Option<u32>,
+    /// Who rang: `None` for an operator (the API); `rule:NAME` for a rule.
+    /// Set by the collector, never read from a request.
+    #[serde(skip)]
+    pub origin: Option<String>,
 }
 
 /// Why a bell request failed.
@@ -112,6 +116,9 @@ pub struct BellView {
     pub reason: Option<String>,
     /// Every state change.
     pub transitions: Vec<TransitionView>,
+    /// Who rang it: `operator`, or `rule:NAME` for a rule.
+    #[serde(default)]
+    pub origin: String,
 }
 
 /// One state change.
@@ -147,6 +154,7 @@ impl From<&BellRecord> for BellView {
                 .iter()
                 .map(|t| TransitionView { state: t.state, at: rfc3339(t.at_ms), note: t.note.clone() })
                 .collect(),
+            origin: b.origin.clone().unwrap_or_else(|| "operator".into()),
         }
     }
 }
@@ -386,6 +394,7 @@ impl Bells {
                 transitions: vec![Transition { state: BellStatus::Queued, at_ms: now, note: None }],
                 cancel_requested: false,
                 version: 0,
+                origin: req.origin.clone(),
             });
         }
         let started = std::time::Instant::now();

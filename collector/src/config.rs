@@ -87,6 +87,65 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `/metrics`.
     pub metrics: MetricsConfig,
+    /// `[[rules]]`: bells rung by the collector itself when a condition
+    /// holds (see [`crate::rules`]).
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One `[[rules]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name, shown as the bell's origin `rule:NAME`.
+    pub name: String,
+    /// The condition.
+    pub when: RuleWhen,
+    /// The bell it rings.
+    pub ring: RuleRing,
+    /// Only devices with one of these tags (empty: every device).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// At most one bell per device per cooldown.
+    #[serde(default = "default_cooldown", deserialize_with = "de_duration")]
+    pub cooldown: Duration,
+    /// At most this many bells of the rule per hour, fleet-wide.
+    #[serde(default = "default_max_per_hour")]
+    pub max_per_hour: u32,
+}
+
+fn default_cooldown() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn default_max_per_hour() -> u32 {
+    20
+}
+
+/// A rule's condition: `{ check = "app", status = "critical", for = "2m" }`
+/// or `{ state = "offline", for = "10m" }`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleWhen {
+    /// A check's name.
+    pub check: Option<String>,
+    /// The check's status: `critical` (default), `warning`, `unknown` or `ok`.
+    pub status: Option<String>,
+    /// Or a device state: `offline`.
+    pub state: Option<String>,
+    /// How long the condition must hold.
+    #[serde(default, rename = "for", deserialize_with = "de_duration_opt")]
+    pub for_: Option<Duration>,
+}
+
+/// The bell a rule rings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleRing {
+    /// An action the device announces.
+    pub action: String,
+    /// Its parameters.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
 }
 
 /// `[metrics]`
@@ -270,6 +329,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             cluster: ClusterConfig::default(),
             metrics: MetricsConfig::default(),
+            rules: Vec::new(),
         }
     }
 }
@@ -349,6 +409,46 @@ impl Config {
             }
             names
         };
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let key = |k: &str| format!("rules[{i}].{k}");
+            if !pulsebell_proto::valid_tag(&r.name) {
+                return bad(&key("name"), "use letters, digits, '.', '_' or '-' (at most 64)");
+            }
+            if !names.insert(r.name.as_str()) {
+                return bad(&key("name"), &format!("another rule is named `{}`", r.name));
+            }
+            match (&r.when.check, &r.when.state) {
+                (Some(check), None) => {
+                    if !pulsebell_proto::valid_device_id(check) {
+                        return bad(&key("when.check"), "not a check name");
+                    }
+                    if let Some(s) = &r.when.status {
+                        if pulsebell_proto::CheckStatus::parse(s).is_none() {
+                            return bad(&key("when.status"), "use ok, warning, critical or unknown");
+                        }
+                    }
+                }
+                (None, Some(state)) => {
+                    if state != "offline" {
+                        return bad(&key("when.state"), "only \"offline\" is supported");
+                    }
+                    if r.when.status.is_some() {
+                        return bad(&key("when.status"), "goes with `check`, not `state`");
+                    }
+                }
+                _ => return bad(&key("when"), "set exactly one of `check` and `state`"),
+            }
+            if !pulsebell_proto::valid_tag(&r.ring.action) {
+                return bad(&key("ring.action"), "not an action name");
+            }
+            if let Some(t) = r.tags.iter().find(|t| !pulsebell_proto::valid_tag(t)) {
+                return bad(&key("tags"), &format!("`{t}` is not a valid tag"));
+            }
+            if r.max_per_hour == 0 {
+                return bad(&key("max_per_hour"), "must be at least 1 (remove the rule to stop it)");
+            }
+        }
         if let Some(e) = self.alerts.events.iter().find(|e| !KINDS.contains(&e.as_str())) {
             return bad("alerts.events", &format!("unknown event `{e}`; use {}", KINDS.join(", ")));
         }
@@ -415,6 +515,33 @@ mod tests {
         let e = Config::parse("[metrics]\nper_device = \"some\"\n").unwrap_err();
         assert_eq!(e.key, "metrics.per_device");
         assert!(e.message.contains("`all`, `up`, `none`"), "{e}");
+    }
+
+    #[test]
+    fn rules_parse_with_defaults_and_errors_name_the_key() {
+        let rule = |extra: &str| {
+            format!("[[rules]]\nname = \"restart-app\"\nring = {{ action = \"restart-app\" }}\n{extra}\n")
+        };
+        let c = Config::parse(&rule("when = { check = \"app\", for = \"2m\" }")).unwrap();
+        let r = &c.rules[0];
+        assert_eq!((r.cooldown, r.max_per_hour), (Duration::from_secs(900), 20));
+        assert_eq!(r.when.for_, Some(Duration::from_secs(120)));
+        assert_eq!(r.when.check.as_deref(), Some("app"));
+        let c = Config::parse(&rule("when = { state = \"offline\", for = \"10m\" }\ntags = [\"kiosk\"]")).unwrap();
+        assert_eq!(c.rules[0].tags, ["kiosk"]);
+        for (extra, key) in [
+            ("when = { check = \"app\", state = \"offline\" }", "rules[0].when"),
+            ("when = { state = \"online\" }", "rules[0].when.state"),
+            ("when = { check = \"app\", status = \"bad\" }", "rules[0].when.status"),
+            ("when = { check = \"app\" }\nmax_per_hour = 0", "rules[0].max_per_hour"),
+        ] {
+            assert_eq!(Config::parse(&rule(extra)).unwrap_err().key, key, "{extra}");
+        }
+        let twice = format!("{}{}", rule("when = { check = \"a\" }"), rule("when = { check = \"b\" }"));
+        let e = Config::parse(&twice).unwrap_err();
+        assert_eq!(e.key, "rules[1].name");
+        let e = Config::parse(&rule("when = { check = \"app\", for = \"soon\" }")).unwrap_err();
+        assert!(e.key.starts_with("rules"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   fencing, lost nodes.
 //! - [`history`]: one-minute aggregates per device, kept for a week.
 //! - [`bells`]: the durable bell queue and its state machine.
+//! - [`rules`]: `[[rules]]` that ring bells by themselves (a failing check's
+//!   restart), within a cooldown and an hourly ceiling.
 //! - [`alerts`]: webhook/command hooks on transitions, from a durable outbox.
 //! - [`admin`]: the admin HTTP API (JSON) for the CLI and scripts.
 //! - [`server`]: wires it all together; start on port 0 in tests.
@@ -39,6 +41,7 @@ pub mod gateway;
 pub mod history;
 pub mod liveness;
 pub mod provision;
+pub mod rules;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -122,9 +122,17 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let (done_tx, done_rx) = mpsc::channel::<()>(1);
     let gateway_task = tokio::spawn(gateway::serve(gw.clone(), device_listener, shutdown_rx.clone(), done_tx));
 
+    let rules = crate::rules::Rules::load(
+        fleet.clone(),
+        bells.clone(),
+        config.cluster.enabled().then(|| (membership.clone(), config.cluster.lost_after)),
+    )
+    .await?;
+    let rules_task = tokio::spawn(rules.clone().run(shutdown_rx.clone()));
     let admin_state = AdminState {
         fleet: fleet.clone(),
         bells: bells.clone(),
+        rules,
         alerts: alerts.clone(),
         membership: config.cluster.enabled().then(|| membership.clone()),
         provisioning,
@@ -179,6 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
                 warn!(?grace, "connections did not close within the grace period");
             }
             let _ = admin_task.await;
+            let _ = rules_task.await;
             let _ = write_back_task.await;
             if let Some(t) = alerts_task {
                 let _ = t.await;

@@ -332,3 +332,110 @@ fn a_digest_that_disagrees_asks_for_the_checks_again() {
         }
     });
 }
+
+/// `rules --json`, parsed.
+fn rules_of(collector: &Collector) -> Vec<Value> {
+    let out = collector.cli_ok(&["rules", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("rules --json is JSON");
+    v.as_array().expect("an array").clone()
+}
+
+fn lines_in(path: &Path) -> usize {
+    fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
+}
+
+/// A kiosk whose "app" check exits with the code in `state`, and whose
+/// `restart-app` action sets it back to 0 and counts its runs in `runs`.
+fn kiosk(collector: &Collector, dir: &Path, id: &str) -> (Agent, std::path::PathBuf, std::path::PathBuf) {
+    let state = dir.join(format!("{id}-state"));
+    let runs = dir.join(format!("{id}-runs"));
+    fs::write(&state, "0").unwrap();
+    let check = dir.join(format!("{id}-check"));
+    write_script(&check, &format!("code=$(cat {s})\necho \"app exit $code\"\nexit $code", s = state.display()));
+    let restart = dir.join(format!("{id}-restart"));
+    write_script(&restart, &format!("echo 0 > {s}\necho ran >> {r}", s = state.display(), r = runs.display()));
+    let extra = format!(
+        "[checks.app]\ncommand = [{}]\ninterval = \"500ms\"\n[actions.restart-app]\ncommand = [{}]\n",
+        toml_str(&check.to_string_lossy()),
+        toml_str(&restart.to_string_lossy())
+    );
+    let token = collector.enroll(id);
+    let opts = AgentOpts { extra_toml: extra, ..AgentOpts::default() }.tags(&["kiosk"]);
+    (Agent::start(collector, id, &token, opts), state, runs)
+}
+
+#[test]
+fn a_rule_restarts_a_failing_app_once_within_its_cooldown_and_its_ceiling_holds() {
+    let tmp = tempdir();
+    let config = r#"
+[[rules]]
+name = "restart-app"
+when = { check = "app", status = "critical", for = "1s" }
+ring = { action = "restart-app" }
+tags = ["kiosk"]
+cooldown = "1h"
+max_per_hour = 1
+"#;
+    let mut collector = Collector::start_with_config(tmp.path(), config);
+    let (_a1, state1, runs1) = kiosk(&collector, tmp.path(), "kiosk-1");
+    let (_a2, state2, runs2) = kiosk(&collector, tmp.path(), "kiosk-2");
+    wait_check(&collector, "kiosk-1", "app", "ok");
+    wait_check(&collector, "kiosk-2", "app", "ok");
+    let rules = rules_of(&collector);
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["name"], "restart-app");
+    assert!(rules[0]["last_fired"].is_null(), "{rules:?}");
+
+    // kiosk-1's app fails: the rule restarts it, once, and the check recovers.
+    fs::write(&state1, "2").unwrap();
+    wait_until("the rule's restart on kiosk-1", STATE_TIMEOUT, || match lines_in(&runs1) {
+        1 => Ok(()),
+        n => Err(format!("{n} runs")),
+    });
+    wait_check(&collector, "kiosk-1", "app", "ok");
+    let bells: Value = serde_json::from_slice(&collector.cli_ok(&["bells", "--json"]).stdout).unwrap();
+    let bells = bells.as_array().unwrap();
+    assert_eq!(bells.len(), 1, "{bells:?}");
+    assert_eq!(bells[0]["origin"], "rule:restart-app");
+    assert_eq!(bells[0]["device"], "kiosk-1");
+    assert_eq!(bells[0]["action"], "restart-app");
+    let bell_id = bells[0]["id"].as_u64().unwrap();
+    let shown: Value =
+        serde_json::from_slice(&collector.cli_ok(&["bell-show", &bell_id.to_string(), "--json"]).stdout).unwrap();
+    assert_eq!(shown["origin"], "rule:restart-app");
+    let table = String::from_utf8_lossy(&collector.cli_ok(&["bells"]).stdout).into_owned();
+    assert!(table.contains("rule:restart-app"), "{table}");
+
+    // kiosk-2 fails: the rule has rung its one bell this hour.
+    fs::write(&state2, "2").unwrap();
+    wait_check(&collector, "kiosk-2", "app", "critical");
+    wait_until("the ceiling holding kiosk-2 back", STATE_TIMEOUT, || {
+        let r = &rules_of(&collector)[0];
+        match r["held_back"]["ceiling"].as_u64() {
+            Some(n) if n >= 1 => Ok(()),
+            _ => Err(format!("{r}")),
+        }
+    });
+    // kiosk-1 fails again within the cooldown: held back too.
+    fs::write(&state1, "2").unwrap();
+    wait_until("the cooldown holding kiosk-1 back", STATE_TIMEOUT, || {
+        let r = &rules_of(&collector)[0];
+        match r["held_back"]["cooldown"].as_u64() {
+            Some(n) if n >= 1 => Ok(r.clone()),
+            _ => Err(format!("{r}")),
+        }
+    });
+    let r = &rules_of(&collector)[0];
+    assert_eq!(r["fired_last_hour"], 1, "{r}");
+    assert_eq!(r["last_fired"]["device"], "kiosk-1", "{r}");
+    assert_eq!((lines_in(&runs1), lines_in(&runs2)), (1, 0), "exactly one restart");
+    let text = String::from_utf8_lossy(&collector.cli_ok(&["rules"]).stdout).into_owned();
+    assert!(text.contains("restart-app") && text.contains("by cooldown"), "{text}");
+
+    // After a restart the rule remembers its bell: cooldown and ceiling hold.
+    collector.restart();
+    let r = rules_of(&collector).remove(0);
+    assert_eq!(r["fired_last_hour"], 1, "{r}");
+    assert_eq!(r["last_fired"]["bell"], bell_id, "{r}");
+    assert_eq!((lines_in(&runs1), lines_in(&runs2)), (1, 0));
+}

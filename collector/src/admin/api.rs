@@ -191,6 +191,11 @@ impl From<EventRecord> for EventView {
     }
 }
 
+/// `GET /v1/rules`: each rule with its last firing and what it held back.
+pub async fn rules(State(state): State<AdminState>) -> Json<Vec<crate::rules::RuleView>> {
+    Json(state.rules.views())
+}
+
 #[derive(Deserialize)]
 pub struct ChecksQuery {
     device: Option<String>,

@@ -57,6 +57,8 @@ pub struct AdminState {
     pub fleet: Arc<Fleet>,
     /// Bells.
     pub bells: Arc<Bells>,
+    /// Rules.
+    pub rules: Arc<crate::rules::Rules>,
     /// The alert sender, if any sink is configured.
     pub alerts: Option<Arc<Alerts>>,
     /// The cluster's nodes (cluster mode only).
@@ -125,6 +127,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/bells/{id}/cancel", post(api::cancel_bell))
         .route("/v1/events", get(api::events))
         .route("/v1/checks", get(api::checks))
+        .route("/v1/rules", get(api::rules))
         .route("/v1/stats", get(api::stats))
         .route("/v1/cluster", get(api::cluster))
         .route("/v1/provision", get(api::list_provision_keys).post(api::create_provision_key))

@@ -49,6 +49,7 @@ fn ring_req(ttl_ms: Option<u64>) -> RingRequest {
         params: Default::default(),
         ttl_ms,
         timeout_ms: None,
+        origin: None,
     }
 }
 
@@ -141,6 +142,7 @@ async fn a_bell_from_another_node_reaches_the_local_device_and_stale_copies_are_
         transitions: vec![],
         cancel_requested: false,
         version: 0,
+        origin: None,
     };
     store.put_bells(std::slice::from_ref(&queued)).await.unwrap();
     bells.apply(queued.clone()).await;

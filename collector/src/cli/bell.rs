@@ -35,6 +35,7 @@ pub async fn ring(client: &Client, args: BellArgs) -> anyhow::Result<i32> {
         params,
         ttl_ms: args.ttl.map(|d| d.as_millis() as u64),
         timeout_ms: args.timeout.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+        origin: None,
     };
     // Waiting happens server-side, one long request per bell, bounded by
     // the bell's own limits (TTL for delivery plus the run timeout).
@@ -106,16 +107,17 @@ pub async fn list(client: &Client, device: Option<&str>, json: bool) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&bells)?);
         return Ok(());
     }
-    println!("{:<8} {:<20} {:<16} {:<10} {:<6} {:<24}", "ID", "DEVICE", "ACTION", "STATE", "EXIT", "UPDATED");
+    println!("{:<8} {:<20} {:<16} {:<10} {:<6} {:<24} ORIGIN", "ID", "DEVICE", "ACTION", "STATE", "EXIT", "UPDATED");
     for b in &bells {
         println!(
-            "{:<8} {:<20} {:<16} {:<10} {:<6} {:<24}",
+            "{:<8} {:<20} {:<16} {:<10} {:<6} {:<24} {}",
             b.id,
             b.device,
             b.action,
             b.state.as_str(),
             b.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            b.updated_at
+            b.updated_at,
+            b.origin,
         );
     }
     Ok(())
@@ -142,7 +144,7 @@ fn show_view(b: &BellView, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(b)?);
         return Ok(());
     }
-    println!("bell {} · {} on {}", b.id, b.action, b.device);
+    println!("bell {} · {} on {} · rung by {}", b.id, b.action, b.device, b.origin);
     if !b.params.is_empty() {
         let p: Vec<String> = b.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("params: {}", p.join(" "));

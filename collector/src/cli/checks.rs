@@ -1,4 +1,5 @@
-//! `checks`: the agents' application checks across the fleet.
+//! `checks`: the agents' application checks across the fleet; `rules`: the
+//! rules that act on them.
 
 use std::time::SystemTime;
 
@@ -24,6 +25,39 @@ pub async fn list(client: &Client, device: Option<&str>, status: Option<&str>, j
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", render_table(&rows, SystemTime::now()));
+    }
+    Ok(())
+}
+
+/// `rules [--json]`.
+pub async fn rules(client: &Client, json: bool) -> anyhow::Result<()> {
+    let rules: Vec<crate::rules::RuleView> = client.get("/v1/rules").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rules)?);
+        return Ok(());
+    }
+    if rules.is_empty() {
+        println!("(no rules: add [[rules]] to the collector's config)");
+    }
+    for r in &rules {
+        let tags = if r.tags.is_empty() { String::new() } else { format!(" on tags {}", r.tags.join(",")) };
+        println!("{}: when {} ring {}{tags}", r.name, r.when, r.action);
+        let last = match &r.last_fired {
+            Some(f) => format!("bell {} on {} at {}", f.bell, f.device, f.at),
+            None => "never".into(),
+        };
+        let h = &r.held_back;
+        println!(
+            "  last fired {last}; {} in the last hour (max {}); cooldown {}s; holding now: {}",
+            r.fired_last_hour,
+            r.max_per_hour,
+            r.cooldown_secs,
+            if r.holding.is_empty() { "-".to_string() } else { r.holding.join(", ") }
+        );
+        println!(
+            "  held back: {} by cooldown, {} by the hourly ceiling, {} without the action",
+            h.cooldown, h.ceiling, h.no_action
+        );
     }
     Ok(())
 }

@@ -230,6 +230,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The `[[rules]]`: each with its last bell and what it held back.
+    Rules {
+        /// JSON array of {name, when, action, tags, cooldown_secs, max_per_hour, last_fired, fired_last_hour, holding, held_back}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Online/offline events.
     Events {
         /// Only this device's.
@@ -414,6 +420,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Some((s, None)) => return usage(&format!("--status `{s}`: use ok, warning, critical or unknown")),
             };
             checks::list(&client()?, device.as_deref(), status, json).await?;
+            Ok(0)
+        }
+        Command::Rules { json } => {
+            checks::rules(&client()?, json).await?;
             Ok(0)
         }
         Command::Events { device, since, json } => {

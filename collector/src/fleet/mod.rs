@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::alerts::Raised;
 use crate::auth;
 use crate::clock::now_ms;
-use crate::config::Config;
+use crate::config::{Config, RuleConfig};
 use crate::history::{Accumulator, Bucket};
 use crate::liveness::{self, Effects};
 use crate::store::{Change, DeviceRecord, Enrolment, EventRecord, Owner, Reason, Store};
@@ -659,6 +659,32 @@ impl Fleet {
             state.devices.iter().filter(|(_, d)| d.has_tag(tag)).map(|(id, _)| id.clone()).collect();
         ids.sort();
         ids
+    }
+
+    /// Devices for which `rule`'s condition holds now and which this node
+    /// looks after: a check rule, the devices connected here; an offline
+    /// rule, every offline device when `offline_duty` (one node of a
+    /// cluster has it). With each, whether it announced the rule's action.
+    pub fn rule_holds(&self, rule: &RuleConfig, offline_duty: bool) -> Vec<(String, bool)> {
+        let status = rule.when.status.as_deref().and_then(CheckStatus::parse).unwrap_or(CheckStatus::Critical);
+        let state = self.lock();
+        let holds = |d: &Device| match (&rule.when.check, &rule.when.state) {
+            (Some(check), _) => {
+                d.conn.is_some() && d.record.checks.iter().any(|c| &c.name == check && c.status == status)
+            }
+            (None, Some(_)) => offline_duty && d.state() == "offline",
+            (None, None) => false,
+        };
+        state
+            .devices
+            .iter()
+            .filter(|(_, d)| rule.tags.is_empty() || rule.tags.iter().any(|t| d.has_tag(t)))
+            .filter(|(_, d)| holds(d))
+            .map(|(id, d)| {
+                let offers = d.record.hello.as_ref().is_some_and(|h| h.actions.contains(&rule.ring.action));
+                (id.clone(), offers)
+            })
+            .collect()
     }
 
     /// Number of enrolled devices.

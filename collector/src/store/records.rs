@@ -261,6 +261,9 @@ pub struct BellRecord {
     /// Number of changes written so far: a newer copy has a larger one.
     #[serde(default)]
     pub version: u64,
+    /// Who rang it: `None` for an operator, `rule:NAME` for a rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// Kind of a liveness event.

@@ -767,6 +767,7 @@ mod tests {
             transitions: vec![],
             cancel_requested: false,
             version: 0,
+            origin: None,
         }
     }
 
