@@ -118,6 +118,20 @@ impl Executor {
         std::iter::once(PING.to_string()).chain(self.inner.actions.keys().cloned()).collect()
     }
 
+    /// The allowlist as the collector's forms need it: each action's
+    /// parameters and whether it is disruptive or reboots.
+    pub fn action_infos(&self) -> Vec<pulsebell_proto::ActionInfo> {
+        let ping = pulsebell_proto::ActionInfo { name: PING.into(), params: vec![], disruptive: false, reboots: false };
+        std::iter::once(ping)
+            .chain(self.inner.actions.iter().map(|(name, a)| pulsebell_proto::ActionInfo {
+                name: name.clone(),
+                params: a.params.keys().cloned().collect(),
+                disruptive: a.disruptive,
+                reboots: a.reboots,
+            }))
+            .collect()
+    }
+
     /// Reports go to `tx` from now on.
     pub async fn attach(&self, tx: mpsc::Sender<BellReport>) {
         *self.inner.reports.lock().expect("reports lock") = Some(tx);

@@ -304,6 +304,19 @@ impl Agent {
         if let Err(e) = send(&mut ws, &AgentMsg::Hello(self.hello(version))).await {
             return SessionEnd::Error(e);
         }
+        // From version 2 the collector also learns each action's parameters
+        // (for the dashboard's forms). An allowlist too large for one frame
+        // is left out: bells by name still work.
+        if version >= 2 {
+            match encode(&AgentMsg::Actions(self.executor.action_infos())) {
+                Ok(bytes) => {
+                    if let Err(e) = ws.send(Message::Binary(bytes.into())).await {
+                        return SessionEnd::Error(e.to_string());
+                    }
+                }
+                Err(e) => warn!(error = %e, "the action list does not fit in one message; not sent"),
+            }
+        }
         // Checks travel from protocol version 2 on; an older collector
         // gets plain pulses and no checks.
         let mut checks = self.checks.as_ref().map(Checks::subscribe).filter(|_| version >= 2);

@@ -119,3 +119,41 @@ fn health_json_has_the_documented_keys() {
     assert!(v["mem_used_bytes"].as_u64().unwrap() <= v["mem_total_bytes"].as_u64().unwrap());
     assert_eq!(v["facts"]["arch"], std::env::consts::ARCH);
 }
+
+#[test]
+fn check_runs_the_checks_once_and_exits_with_the_worst_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listening.local_addr().unwrap().port();
+    std::fs::write(
+        &path,
+        format!(
+            "collector_url = \"wss://c.example/v1/ws\"\ndevice_id = \"pi-1\"\ntoken_file = \"/nonexistent\"\n\
+             [checks.closed]\ntcp = \"127.0.0.1:{port}\"\ntimeout = \"2s\"\n\
+             [checks.open]\ntcp = \"127.0.0.1:{open}\"\n\
+             [checks.warn]\ncommand = [\"sh\", \"-c\", \"echo degraded; exit 1\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = agent().args(["check", "--json", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "worst is critical: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let by_name = |n: &str| v.as_array().unwrap().iter().find(|c| c["name"] == n).cloned().unwrap();
+    assert_eq!(by_name("closed")["status"], "critical");
+    assert_eq!(by_name("open")["status"], "ok");
+    assert_eq!(
+        (by_name("warn")["status"].as_str(), by_name("warn")["summary"].as_str()),
+        (Some("warning"), Some("degraded"))
+    );
+    assert_eq!(by_name("warn")["kind"], "command");
+    // One check by name: its own status decides.
+    let out = agent().args(["check", "open", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("open"));
+    let out = agent().args(["check", "nope", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    drop(listening);
+}

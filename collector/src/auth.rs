@@ -75,6 +75,35 @@ pub fn tokens_equal(given: &str, expected: &str) -> bool {
     Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes())).into()
 }
 
+/// HMAC-SHA-256 (RFC 2104) of `msg` under `key`.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| k.map(|b| b ^ byte);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// The dashboard's CSRF token for session `sid`: bound to the session and
+/// to the admin token, so it cannot be forged without the token and dies
+/// with the session. Sent back in the `X-CSRF-Token` header by every
+/// state-changing request the dashboard makes.
+pub fn csrf_token(admin_token: &str, sid: &str) -> String {
+    hex::encode(hmac_sha256(admin_token.as_bytes(), format!("pulsebell csrf {sid}").as_bytes()))
+}
+
+/// A new random session id (128 bits, hex).
+pub fn new_session_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
 /// The bearer token of an `Authorization` header value.
 pub fn bearer(header: &str) -> Option<&str> {
     let (scheme, token) = header.split_once(' ')?;
@@ -121,6 +150,19 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test cases 1 and 6 (a key longer than a block).
+        let mac = hmac_sha256(&[0x0b; 20], b"Hi There");
+        assert_eq!(hex::encode(mac), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+        let mac = hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(hex::encode(mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+        let a = csrf_token("admin", "s1");
+        assert_ne!(a, csrf_token("admin", "s2"), "bound to the session");
+        assert_ne!(a, csrf_token("other", "s1"), "bound to the admin token");
+        assert_ne!(new_session_id(), new_session_id());
+    }
 
     #[test]
     fn tokens_verify_and_differ() {

@@ -99,6 +99,8 @@ pub fn connected(device: &str, record: &mut DeviceRecord, hello: Hello, generati
     let first = record.generation == 0 && record.last_seen_ms.is_none();
     record.generation = generation;
     record.hello = Some(hello);
+    // A version-2 agent describes its actions again right after the Hello.
+    record.action_info.clear();
     record.last_seen_ms = Some(now);
     link::connected(&mut record.link, now);
     // "Online again" is worth an alert only after an offline that was one

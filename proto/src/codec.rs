@@ -9,7 +9,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::check::{CheckDigest, CheckReport};
 use crate::limits::*;
-use crate::{Bell, BellReport, Hello, Pulse, Welcome};
+use crate::{ActionInfo, Bell, BellReport, Hello, Pulse, Welcome};
 
 /// Agent → collector.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,8 @@ pub enum AgentMsg {
     Checks(CheckReport),
     /// A pulse with the count of checks per status (replaces `Pulse`).
     CheckedPulse(Pulse, CheckDigest),
+    /// The allowlist's actions with their parameters, after the Hello.
+    Actions(Vec<ActionInfo>),
 }
 
 impl AgentMsg {
@@ -33,7 +35,7 @@ impl AgentMsg {
     pub fn since_version(&self) -> u16 {
         match self {
             AgentMsg::Hello(_) | AgentMsg::Pulse(_) | AgentMsg::BellReport(_) => 1,
-            AgentMsg::Checks(_) | AgentMsg::CheckedPulse(..) => 2,
+            AgentMsg::Checks(_) | AgentMsg::CheckedPulse(..) | AgentMsg::Actions(_) => 2,
         }
     }
 }
@@ -245,6 +247,14 @@ impl Validate for AgentMsg {
             AgentMsg::Pulse(_) | AgentMsg::CheckedPulse(..) => Ok(()),
             AgentMsg::BellReport(r) => r.validate(),
             AgentMsg::Checks(c) => c.validate(),
+            AgentMsg::Actions(a) => {
+                check_len("actions", a.len(), MAX_ITEMS)?;
+                for action in a {
+                    check_len("action name", action.name.len(), MAX_STRING)?;
+                    check_list("action params", &action.params, MAX_ITEMS, MAX_STRING)?;
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -53,3 +53,18 @@ pub struct Welcome {
     /// this device.
     pub generation: u64,
 }
+
+/// What the agent's allowlist says of one action, so an operator's form
+/// can ask for its parameters and confirm a disruptive one (protocol
+/// version 2, `AgentMsg::Actions`, after the Hello).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionInfo {
+    /// The action's name (as in `Hello::actions`).
+    pub name: String,
+    /// Names of the parameters it takes.
+    pub params: Vec<String>,
+    /// Refused while the device's maintenance lock is held.
+    pub disruptive: bool,
+    /// Reboots the board.
+    pub reboots: bool,
+}

@@ -39,6 +39,6 @@ pub mod view;
 pub use bell::{Bell, BellOutcome, BellReport, BellState};
 pub use check::{CheckDigest, CheckKind, CheckReport, CheckResult, CheckStatus};
 pub use codec::{close, decode, encode, peek_hello_version, AgentMsg, DecodeError, EncodeError, ServerMsg, Validate};
-pub use hello::{Hello, Welcome};
+pub use hello::{ActionInfo, Hello, Welcome};
 pub use limits::*;
 pub use pulse::{Health, Pulse, Throttled};

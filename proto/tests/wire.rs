@@ -108,6 +108,14 @@ fn golden_version_2_messages() {
         "04ac021f080c09cc88ed01b09519fc9f0600ace701fa24019c07b58f10a60e9007010003000100"
     );
     assert_eq!(hex(&encode(&ServerMsg::ResendChecks).unwrap()), "03");
+    let actions = AgentMsg::Actions(vec![ActionInfo {
+        name: "update".into(),
+        params: vec!["version".into()],
+        disruptive: true,
+        reboots: false,
+    }]);
+    assert_eq!(hex(&encode(&actions).unwrap()), "050106757064617465010776657273696f6e0100");
+    assert_eq!(decode::<AgentMsg>(&encode(&actions).unwrap()).unwrap(), actions);
     let mut v2 = hello();
     v2.protocol_version = 2;
     assert_eq!(peek_hello_version(&encode(&AgentMsg::Hello(v2)).unwrap()), Some(2));

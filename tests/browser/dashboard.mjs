@@ -172,6 +172,25 @@ try {
   check(widths.every(w => w > 0.5), `each chart draws a line across it (width fractions ${JSON.stringify(widths)})`);
   check((await page.textContent("#device-state")).trim() === "online", "device page shows online");
   check((await page.textContent("main h2")).includes(OTHER), "device page names the device");
+
+  // 6. Ringing an action from the device page: the form posts with the
+  // session's CSRF token and follows the bell to its end.
+  page.on("dialog", d => d.accept());
+  await page.waitForSelector("form.action");
+  const actions = await page.$$eval("form.action strong", s => s.map(x => x.textContent));
+  check(actions.includes("ping"), `the device's actions are listed: ${JSON.stringify(actions)}`);
+  const ping = actions.indexOf("ping");
+  await page.click(`form.action[data-i="${ping}"] button[type="submit"]`);
+  await page.waitForFunction(() => /succeeded/.test(document.getElementById("progress").textContent), null, { timeout: 20_000 });
+  log("device page rang ping:", (await page.textContent("#progress")).trim());
+  // The same request without the CSRF token is refused, though the cookie
+  // goes with it: what a cross-site form could send.
+  const forged = await page.evaluate(async id => {
+    const r = await fetch("/v1/bells", { method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json" }, body: JSON.stringify({ device: id, action: "ping" }) });
+    return r.status;
+  }, OTHER);
+  check(forged === 403, `a POST without the CSRF token is refused (got ${forged})`);
   await page.screenshot({ path: path.join(ARTIFACT_DIR, "device.png"), fullPage: true });
 
   // The killed device's page too: offline, with the events that say so.

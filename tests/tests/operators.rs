@@ -1372,3 +1372,72 @@ fn dashboard_in_a_real_browser() {
         assert!(size > 1000, "screenshot {} missing or empty", path.display());
     }
 }
+
+/// The dashboard's cookie alone cannot change anything: a POST also needs
+/// the session's CSRF token, which only the page served to that session
+/// holds. The CLI's bearer token needs none.
+#[test]
+fn dashboard_changes_need_the_session_csrf_token() {
+    let tmp = tempdir();
+    let collector = Collector::start(tmp.path());
+    let token = collector.enroll("csrf-pi");
+    let _agent = Agent::start(&collector, "csrf-pi", &token, opts());
+    collector.wait_for_online_with_health("csrf-pi");
+    let admin = admin_token(&collector);
+    let base = collector.admin_url().to_string();
+
+    let form = format!("token={admin}");
+    let login = http(
+        "POST",
+        &format!("{base}/login"),
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(form.as_bytes()),
+    );
+    assert!(login.status == 303 || login.status == 302, "login: HTTP {} {}", login.status, login.text());
+    let cookies: Vec<String> = login
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.split(';').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(cookies.len(), 2, "admin and session cookies: {cookies:?}");
+    for c in login.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")) {
+        assert!(c.1.contains("HttpOnly") && c.1.contains("SameSite=Strict"), "{c:?}");
+    }
+    let cookie = cookies.join("; ");
+    let page = http("GET", &format!("{base}/"), &[("Cookie", &cookie)], None);
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF token in the page"))
+        .to_string();
+    assert_eq!(csrf.len(), 64, "{csrf}");
+
+    let bell = br#"{"device": "csrf-pi", "action": "ping"}"#;
+    let post = |headers: &[(&str, &str)]| {
+        let mut h = vec![("Content-Type", "application/json")];
+        h.extend_from_slice(headers);
+        http("POST", &format!("{base}/v1/bells"), &h, Some(bell))
+    };
+    let forged = post(&[("Cookie", &cookie)]);
+    assert_eq!(forged.status, 403, "cookie without the CSRF token: {}", forged.text());
+    assert!(forged.text().contains("CSRF"), "{}", forged.text());
+    let wrong = post(&[("Cookie", &cookie), ("X-CSRF-Token", &"0".repeat(64))]);
+    assert_eq!(wrong.status, 403, "a wrong CSRF token: {}", wrong.text());
+    // Another session's token does not fit this session.
+    let other_session = format!("{}; pulsebell_session={}", cookies[0], "ab".repeat(16));
+    let stolen = post(&[("Cookie", &other_session), ("X-CSRF-Token", &csrf)]);
+    assert_eq!(stolen.status, 403, "a token of another session: {}", stolen.text());
+    let ok = post(&[("Cookie", &cookie), ("X-CSRF-Token", &csrf)]);
+    assert_eq!(ok.status, 201, "cookie and its CSRF token: {}", ok.text());
+    let bearer = format!("Bearer {admin}");
+    let cli = post(&[("Authorization", &bearer)]);
+    assert_eq!(cli.status, 201, "the bearer token needs no CSRF token: {}", cli.text());
+    // Reading needs no CSRF token.
+    let read = http("GET", &format!("{base}/v1/bells"), &[("Cookie", &cookie)], None);
+    assert_eq!(read.status, 200);
+    assert_eq!(read.json().as_array().map(Vec::len), Some(2));
+}

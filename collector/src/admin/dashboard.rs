@@ -1,6 +1,10 @@
-//! The read-only web dashboard: one embedded page (no CDN, no build step),
-//! a login form that sets an HttpOnly cookie holding the admin token, and a
-//! Server-Sent Events stream of the fleet for live updates.
+//! The web dashboard: one embedded page (no CDN, no build step), a login
+//! form that sets an HttpOnly, SameSite=Strict cookie holding the admin
+//! token and a session id, and a Server-Sent Events stream of the fleet for
+//! live updates. The device page rings actions: every state-changing
+//! request authenticated by the cookie must also carry the session's CSRF
+//! token ([`crate::auth::csrf_token`]) in `X-CSRF-Token`, which the page
+//! gets embedded when it is served (see `require_token` in `admin/mod.rs`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,8 +24,18 @@ use crate::auth;
 use crate::fleet::page::{Counts, Page, PageQuery, Row};
 use crate::fleet::Fleet;
 
-/// Name of the session cookie.
+/// Name of the cookie holding the admin token.
 pub const COOKIE: &str = "pulsebell_admin";
+
+/// Name of the cookie holding the session id (what the CSRF token is bound to).
+pub const SESSION_COOKIE: &str = "pulsebell_session";
+
+/// Header carrying the CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+fn cookie_attrs() -> &'static str {
+    "HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000"
+}
 
 const PAGE: &str = include_str!("dashboard.html");
 
@@ -36,23 +50,48 @@ button{background:#5dade2;border:0;border-radius:4px;padding:7px 14px;font-weigh
 <input id="token" name="token" type="password" autocomplete="current-password" autofocus>
 <button type="submit">Sign in</button></form></body></html>"#;
 
-/// The admin token from the session cookie, if any.
-pub fn cookie_token(headers: &HeaderMap) -> Option<String> {
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_string())
 }
 
-/// `GET /`: the dashboard, or the login form without a valid cookie.
+/// The admin token from the session cookie, if any.
+pub fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, COOKIE)
+}
+
+/// Whether a request authenticated by the cookie carries its session's CSRF
+/// token.
+pub fn csrf_ok(headers: &HeaderMap, admin_token: &str) -> bool {
+    let (Some(sid), Some(given)) = (cookie(headers, SESSION_COOKIE), headers.get(CSRF_HEADER)) else {
+        return false;
+    };
+    given.to_str().is_ok_and(|g| auth::tokens_equal(g, &auth::csrf_token(admin_token, &sid)))
+}
+
+/// `GET /`: the dashboard with its session's CSRF token, or the login form
+/// without a valid cookie. A session from before CSRF tokens gets its id
+/// here.
 pub async fn index(State(state): State<AdminState>, headers: HeaderMap) -> Response {
     match cookie_token(&headers) {
         Some(t) if auth::tokens_equal(&t, &state.token) => {
-            ([(header::CACHE_CONTROL, "no-store")], Html(PAGE)).into_response()
+            let (sid, new) = match cookie(&headers, SESSION_COOKIE) {
+                Some(sid) if sid.len() == 32 && sid.bytes().all(|b| b.is_ascii_hexdigit()) => (sid, false),
+                _ => (auth::new_session_id(), true),
+            };
+            let page = PAGE.replace("{{CSRF_TOKEN}}", &auth::csrf_token(&state.token, &sid));
+            let mut resp = ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response();
+            if new {
+                let c = format!("{SESSION_COOKIE}={sid}; {}", cookie_attrs());
+                resp.headers_mut().append(header::SET_COOKIE, c.parse().expect("a valid cookie header"));
+            }
+            resp
         }
         _ => Redirect::to("/login").into_response(),
     }
@@ -75,9 +114,16 @@ pub async fn login(State(state): State<AdminState>, Form(form): Form<Login>) -> 
         let page = LOGIN.replace("ERROR", "<p class=\"err\">That is not the admin token.</p>");
         return (StatusCode::UNAUTHORIZED, Html(page)).into_response();
     }
-    // The token is hex, safe as a cookie value.
-    let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000");
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+    // The token is hex, safe as a cookie value; a new session id with
+    // every sign-in.
+    let mut resp = Redirect::to("/").into_response();
+    for c in [
+        format!("{COOKIE}={token}; {}", cookie_attrs()),
+        format!("{SESSION_COOKIE}={}; {}", auth::new_session_id(), cookie_attrs()),
+    ] {
+        resp.headers_mut().append(header::SET_COOKIE, c.parse().expect("a valid cookie header"));
+    }
+    resp
 }
 
 /// `GET /v1/fleet?q=&tag=&state=&device=&offset=&limit=`: one page of the

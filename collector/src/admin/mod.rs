@@ -102,15 +102,22 @@ impl From<anyhow::Error> for ApiError {
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     // The CLI and scripts send the bearer token; the dashboard, its cookie.
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::bearer)
-        .map(str::to_string)
-        .or_else(|| dashboard::cookie_token(req.headers()));
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(auth::bearer);
+    let (given, by_cookie) = match bearer {
+        Some(t) => (Some(t.to_string()), false),
+        None => (dashboard::cookie_token(req.headers()), true),
+    };
     match given.as_deref() {
-        Some(t) if auth::tokens_equal(t, &state.token) => next.run(req).await,
+        Some(t) if auth::tokens_equal(t, &state.token) => {
+            // A browser sends the cookie with any request to this origin:
+            // a change also needs the session's CSRF token, which only a
+            // page served by us holds.
+            let safe = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+            if by_cookie && !safe && !dashboard::csrf_ok(req.headers(), &state.token) {
+                return ApiError(StatusCode::FORBIDDEN, "missing or invalid CSRF token".into()).into_response();
+            }
+            next.run(req).await
+        }
         _ => ApiError(StatusCode::UNAUTHORIZED, "missing or invalid admin token".into()).into_response(),
     }
 }

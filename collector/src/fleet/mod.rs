@@ -518,6 +518,19 @@ impl Fleet {
         }
     }
 
+    /// Takes in the action descriptions of connection `generation`
+    /// (protocol version 2).
+    pub fn action_info(&self, id: &str, generation: u64, actions: Vec<pulsebell_proto::ActionInfo>) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(d) = state.devices.get_mut(id) else { return };
+        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
+            return;
+        }
+        d.record.action_info = actions;
+        state.mark_dirty(id);
+    }
+
     /// Takes in a check report of connection `generation` (protocol
     /// version 2); ignored from a connection that is no longer current.
     pub fn checks(&self, id: &str, generation: u64, report: CheckReport) {

@@ -85,6 +85,10 @@ pub struct Row {
     pub warnings: Vec<&'static str>,
     /// Tags (the agent's, then its enrolment's).
     pub tags: Vec<String>,
+    /// Its checks that are not OK, as `name status` (`app critical`).
+    pub failing_checks: Vec<String>,
+    /// How many of its checks are OK.
+    pub checks_ok: usize,
 }
 
 /// A page of the fleet table.
@@ -246,6 +250,13 @@ fn row(id: &str, d: &Device, now: u64) -> Row {
         temp: health.and_then(|h| h.temp_celsius()),
         warnings,
         tags: view::tags_of(&d.enrolment, r),
+        failing_checks: r
+            .checks
+            .iter()
+            .filter(|c| c.status != pulsebell_proto::CheckStatus::Ok)
+            .map(|c| format!("{} {}", c.name, c.status.as_str()))
+            .collect(),
+        checks_ok: r.checks.iter().filter(|c| c.status == pulsebell_proto::CheckStatus::Ok).count(),
     }
 }
 

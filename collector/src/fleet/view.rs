@@ -60,6 +60,26 @@ pub struct DeviceView {
     /// version 2 and later).
     #[serde(default)]
     pub checks: Vec<CheckView>,
+    /// Each of `actions` with its parameters and whether it is disruptive
+    /// (agents of protocol version 2; older ones: no parameters known).
+    #[serde(default)]
+    pub action_details: Vec<ActionView>,
+}
+
+/// One action a device announced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionView {
+    /// Name.
+    pub name: String,
+    /// Its parameters' names.
+    pub params: Vec<String>,
+    /// Refused while the device's maintenance lock is held.
+    pub disruptive: bool,
+    /// Reboots the board.
+    pub reboots: bool,
+    /// Whether the agent described it (version 2); if not, nothing is
+    /// known of its parameters or whether it is disruptive.
+    pub described: bool,
 }
 
 /// One of a device's checks.
@@ -159,6 +179,27 @@ pub fn build(
             flaky: link::flaky(&r.link, reconnects_24h),
         },
         checks: r.checks.iter().map(CheckView::from).collect(),
+        action_details: h
+            .map(|h| h.actions.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|name| match r.action_info.iter().find(|a| &a.name == name) {
+                Some(a) => ActionView {
+                    name: a.name.clone(),
+                    params: a.params.clone(),
+                    disruptive: a.disruptive,
+                    reboots: a.reboots,
+                    described: true,
+                },
+                None => ActionView {
+                    name: name.clone(),
+                    params: vec![],
+                    disruptive: false,
+                    reboots: false,
+                    described: false,
+                },
+            })
+            .collect(),
     }
 }
 

@@ -187,6 +187,9 @@ pub async fn open(
                 Err(End::closing(Reason::Disconnected, close::PROTOCOL, "BellReport before Hello"))
             }
             Ok(AgentMsg::Checks(_)) => Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Checks before Hello")),
+            Ok(AgentMsg::Actions(_)) => {
+                Err(End::closing(Reason::Disconnected, close::PROTOCOL, "Actions before Hello"))
+            }
             Err(e) => Err(decode_error_end(&bytes, e)),
         },
         Ok(Some(Ok(Message::Text(_)))) => Err(End::closing(
@@ -341,6 +344,7 @@ pub async fn serve(gw: &Gateway, live: Live) {
                             silent_at = Instant::now() + offline_after;
                             armed = true;
                         }
+                        Ok(AgentMsg::Actions(actions)) => gw.fleet.action_info(&device, generation, actions),
                         Ok(AgentMsg::Checks(report)) => {
                             resend_asked &= !report.full;
                             gw.fleet.checks(&device, generation, report);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use pulsebell_proto::{CheckResult, Health, Hello};
+use pulsebell_proto::{ActionInfo, CheckResult, Health, Hello};
 use serde::{Deserialize, Serialize};
 
 /// Why a device's liveness changed: the reason of an [`EventRecord`] and a
@@ -150,6 +150,10 @@ pub struct DeviceRecord {
     /// before checks existed decode with none (see `store/sled.rs`).
     #[serde(default)]
     pub checks: Vec<CheckResult>,
+    /// The allowlist's actions with their parameters, as the agent sent
+    /// them after its last Hello (protocol version 2; empty before).
+    #[serde(default)]
+    pub action_info: Vec<ActionInfo>,
 }
 
 /// States of a bell.
