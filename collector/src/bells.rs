@@ -10,10 +10,7 @@
 //! ```
 //!
 //! A bell is written to the store (flushed) before its id is returned, and
-//! every transition is written before it is visible: flushed when only the
-//! collector knows it (sent, cancel requested, expired), written and flushed
-//! within a second when the agent reported it (running, and the outcome),
-//! since the agent's journal holds that too ([`Durability`]). Delivery is
+//! every transition is written before it is visible. Delivery is
 //! at-least-once: bells not yet final are re-sent whenever their device
 //! connects; the agent's journal makes execution exactly-once.
 //!
@@ -37,7 +34,7 @@ use tracing::{info, warn};
 use crate::alerts::Raised;
 use crate::clock::{now_ms, rfc3339};
 use crate::fleet::{Fleet, Outbound};
-use crate::store::{AlertKind, BellRecord, BellStatus, Durability, Store, StoreError, Transition};
+use crate::store::{AlertKind, BellRecord, BellStatus, Store, StoreError, Transition};
 
 /// Most bells listed at once.
 pub const LIST_LIMIT: usize = 1000;
@@ -321,10 +318,9 @@ impl Bells {
         self: &Arc<Self>,
         id: u64,
         change: impl Fn(&BellRecord) -> Option<BellRecord> + Send + Sync,
-        durability: Durability,
     ) -> Result<Option<BellRecord>, BellError> {
         let started = std::time::Instant::now();
-        let updated = self.store.update_bell(id, &change, durability).await?;
+        let updated = self.store.update_bell(id, &change).await?;
         self.fleet.stats.store_write_seconds.observe(started.elapsed().as_secs_f64());
         if let Some(b) = &updated {
             if b.state.is_final() {
@@ -431,7 +427,7 @@ impl Bells {
                 b
             })
         };
-        match self.commit(id, expire, Durability::Flushed).await {
+        match self.commit(id, expire).await {
             Ok(Some(b)) => info!(bell = id, device = %b.device, "bell expired"),
             Ok(None) => {}
             Err(e) => warn!(bell = id, error = %e, "cannot record expiry"),
@@ -469,7 +465,7 @@ impl Bells {
                 b
             })
         };
-        if let Err(e) = self.commit(id, sent, Durability::Flushed).await {
+        if let Err(e) = self.commit(id, sent).await {
             warn!(bell = id, error = %e, "cannot record delivery");
         }
     }
@@ -511,9 +507,7 @@ impl Bells {
             warn!(bell = id, device, %owner, "ignoring a report for another device's bell");
             return;
         }
-        // What the agent reported is in its journal: if this write is lost
-        // with the collector, the bell is re-sent and answered from there.
-        let b = match self.commit(id, apply, Durability::Journaled).await {
+        let b = match self.commit(id, apply).await {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
@@ -573,7 +567,7 @@ impl Bells {
             }
             Some(b)
         };
-        match self.commit(id, cancel, Durability::Flushed).await? {
+        match self.commit(id, cancel).await? {
             Some(b) => {
                 self.react(&b).await;
                 Ok(b)

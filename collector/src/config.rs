@@ -286,6 +286,10 @@ pub struct Limits {
     /// Kernel accept queue of the device listener (capped by
     /// net.core.somaxconn): room for a reconnect storm's SYNs.
     pub accept_backlog: u32,
+    /// Newest protocol version offered to agents (default: the newest this
+    /// build speaks). 1 serves every agent as version 1, as the previous
+    /// release did (no checks): for a staged rollout or a rollback.
+    pub max_protocol_version: u16,
 }
 
 impl Default for Limits {
@@ -298,6 +302,7 @@ impl Default for Limits {
             outbound_queue: 256,
             auth_failures_per_minute: 60,
             accept_backlog: 4096,
+            max_protocol_version: pulsebell_proto::PROTOCOL_VERSION,
         }
     }
 }
@@ -409,6 +414,10 @@ impl Config {
             }
             names
         };
+        let (oldest, newest) = (pulsebell_proto::OLDEST_PROTOCOL_VERSION, pulsebell_proto::PROTOCOL_VERSION);
+        if !(oldest..=newest).contains(&self.limits.max_protocol_version) {
+            return bad("limits.max_protocol_version", &format!("this build speaks versions {oldest} to {newest}"));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
             let key = |k: &str| format!("rules[{i}].{k}");

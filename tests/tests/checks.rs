@@ -439,3 +439,32 @@ max_per_hour = 1
     assert_eq!(r["last_fired"]["bell"], bell_id, "{r}");
     assert_eq!((lines_in(&runs1), lines_in(&runs2)), (1, 0));
 }
+
+/// A new agent against a collector that speaks only version 1 (as the
+/// previous release, here one pinned with `[limits] max_protocol_version`):
+/// it falls back, pulses as before, and says in its log that the collector
+/// needs upgrading for its checks.
+#[test]
+fn a_new_agent_falls_back_to_a_collector_of_version_1_and_says_so() {
+    let tmp = tempdir();
+    let collector = Collector::start_with_config(tmp.path(), "[limits]\nmax_protocol_version = 1\n");
+    let token = collector.enroll("new-1");
+    let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let extra = format!("[checks.port]\ntcp = \"{}\"\ninterval = \"1s\"\n", tcp.local_addr().unwrap());
+    let agent = Agent::start(&collector, "new-1", &token, AgentOpts { extra_toml: extra, ..AgentOpts::default() });
+    let d = collector.wait_for_online_with_health("new-1");
+    assert_eq!(d["agent_version"], env!("CARGO_PKG_VERSION"));
+    let line = agent.wait_for_log(&["older protocol"], STATE_TIMEOUT);
+    assert!(line.contains("upgrade the collectors first") && line.contains("version=1"), "{line}");
+    // Pulses keep coming; no checks reach a version-1 collector.
+    let seq = |d: &Value| d["link"]["missed_pulses"].as_u64();
+    wait_until("a few more pulses", STATE_TIMEOUT, || {
+        let now = collector.show("new-1");
+        match (now["state"].as_str(), seq(&now)) {
+            (Some("online"), Some(0)) if now["last_seen"] != d["last_seen"] => Ok(()),
+            _ => Err(format!("{now}")),
+        }
+    });
+    assert_eq!(collector.show("new-1")["checks"], Value::Array(vec![]));
+    drop(tcp);
+}

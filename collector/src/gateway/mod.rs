@@ -297,6 +297,7 @@ async fn handshake(gw: &Gateway, tcp: TcpStream, peer: SocketAddr, deadline: tok
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|p| subprotocol_version(p.trim()))
+            .filter(|v| *v <= gw.limits.max_protocol_version)
             .max();
         let Some(version) = offered else {
             refusal = Some("subprotocol");

@@ -114,7 +114,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn update_bell(&self, id: u64, change: BellChange<'_>, _: Durability) -> Result<Option<BellRecord>> {
+    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>> {
         let mut s = self.lock();
         let Some(current) = s.bells.get(&id) else { return Ok(None) };
         let Some(mut new) = change(current) else { return Ok(None) };

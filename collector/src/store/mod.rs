@@ -99,20 +99,6 @@ pub enum Change {
 /// leave it as it is.
 pub type BellChange<'a> = &'a (dyn Fn(&BellRecord) -> Option<BellRecord> + Send + Sync);
 
-/// How durable a bell change must be when [`Store::update_bell`] returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// On disk (sled flushed, JetStream acknowledged): a change only the
-    /// collector knows, such as a cancel request or an expiry.
-    Flushed,
-    /// Written, reaching the disk with the store's next flush (sled: within
-    /// a second): a change the agent reported and keeps in its journal. If
-    /// the collector dies first, the bell is still pending on restart, is
-    /// re-sent, and the agent answers again from its journal without
-    /// running it twice. Keeps a flush off the bell's round trip.
-    Journaled,
-}
-
 /// A provisioning-key change, like [`BellChange`].
 pub type ProvisionChange<'a> = &'a (dyn Fn(&ProvisionKey) -> Option<ProvisionKey> + Send + Sync);
 
@@ -152,10 +138,9 @@ pub trait Store: Send + Sync + 'static {
     /// Writes new bells and their indexes. Durable.
     async fn put_bells(&self, bells: &[BellRecord]) -> Result<()>;
     /// Applies `change` to bell `id` atomically (compare-and-set, retried
-    /// on conflict with the fresh record), as durable as `durability` asks.
-    /// The new record, or `None` when there is no such bell or `change` left
-    /// it alone.
-    async fn update_bell(&self, id: u64, change: BellChange<'_>, durability: Durability) -> Result<Option<BellRecord>>;
+    /// on conflict with the fresh record). Durable. The new record, or
+    /// `None` when there is no such bell or `change` left it alone.
+    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>>;
     /// One bell.
     async fn bell(&self, id: u64) -> Result<Option<BellRecord>>;
     /// Newest bells first, of one device or all, at most `limit`.

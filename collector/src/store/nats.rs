@@ -709,8 +709,7 @@ impl Store for NatsStore {
         self.publish_all(msgs).await
     }
 
-    async fn update_bell(&self, id: u64, change: BellChange<'_>, _: Durability) -> Result<Option<BellRecord>> {
-        // Every JetStream write is acknowledged once stored: always flushed.
+    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>> {
         self.cas(&self.buckets.bells, &bell_key(id), |cur: Option<BellRecord>| {
             let cur = cur?;
             let mut new = change(&cur)?;

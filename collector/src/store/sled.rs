@@ -545,9 +545,8 @@ impl Inner {
         Ok(done)
     }
 
-    /// Replaces bell `id` if it still holds `old`; flushed if `flush`.
-    /// Whether it did.
-    fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool, flush: bool) -> Result<bool> {
+    /// Replaces bell `id` if it still holds `old`; flushed. Whether it did.
+    fn cas_bell(&self, id: u64, old: ::sled::IVec, new: Vec<u8>, is_final: bool) -> Result<bool> {
         let key = id.to_be_bytes();
         let done = (&self.bells, &self.bells_pending)
             .transaction(|(bells_t, pending_t)| {
@@ -563,7 +562,7 @@ impl Inner {
                 Ok::<bool, ConflictableTransactionError<()>>(true)
             })
             .map_err(|e: TransactionError<()>| db_err(format!("{e:?}")))?;
-        if done && flush {
+        if done {
             self.flush_bells()?;
         }
         Ok(done)
@@ -652,7 +651,7 @@ impl Store for SledStore {
         self.blocking(move |s| s.put_bells(&bells)).await
     }
 
-    async fn update_bell(&self, id: u64, change: BellChange<'_>, durability: Durability) -> Result<Option<BellRecord>> {
+    async fn update_bell(&self, id: u64, change: BellChange<'_>) -> Result<Option<BellRecord>> {
         let key = id.to_be_bytes();
         loop {
             let Some(old) = self.inner.bells.get(key).map_err(db_err)? else { return Ok(None) };
@@ -661,14 +660,7 @@ impl Store for SledStore {
             new.version = current.version + 1;
             let bytes = encode(&new)?;
             let is_final = new.state.is_final();
-            // Without a flush the compare-and-set takes microseconds: done
-            // here rather than on the blocking pool, one thread hop fewer on
-            // the bell's round trip.
-            let done = match durability {
-                Durability::Flushed => self.blocking(move |s| s.cas_bell(id, old, bytes, is_final, true)).await?,
-                Durability::Journaled => self.inner.cas_bell(id, old, bytes, is_final, false)?,
-            };
-            if done {
+            if self.blocking(move |s| s.cas_bell(id, old, bytes, is_final)).await? {
                 return Ok(Some(new));
             }
         }
@@ -1016,12 +1008,12 @@ mod tests {
         let to_sent = |b: &BellRecord| {
             (b.state == BellStatus::Queued).then(|| BellRecord { state: BellStatus::Sent, ..b.clone() })
         };
-        let got = s.update_bell(1, &to_sent, Durability::Flushed).await.unwrap().unwrap();
+        let got = s.update_bell(1, &to_sent).await.unwrap().unwrap();
         assert_eq!((got.state, got.version), (BellStatus::Sent, 1));
-        assert!(s.update_bell(1, &to_sent, Durability::Flushed).await.unwrap().is_none(), "no longer queued");
-        assert!(s.update_bell(2, &to_sent, Durability::Flushed).await.unwrap().is_none(), "no such bell");
+        assert!(s.update_bell(1, &to_sent).await.unwrap().is_none(), "no longer queued");
+        assert!(s.update_bell(2, &to_sent).await.unwrap().is_none(), "no such bell");
         let done = |b: &BellRecord| Some(BellRecord { state: BellStatus::Succeeded, ..b.clone() });
-        assert_eq!(s.update_bell(1, &done, Durability::Journaled).await.unwrap().unwrap().version, 2);
+        assert_eq!(s.update_bell(1, &done).await.unwrap().unwrap().version, 2);
         assert!(s.pending_bells().await.unwrap().is_empty());
     }
 }
