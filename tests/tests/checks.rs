@@ -468,3 +468,54 @@ fn a_new_agent_falls_back_to_a_collector_of_version_1_and_says_so() {
     assert_eq!(collector.show("new-1")["checks"], Value::Array(vec![]));
     drop(tcp);
 }
+
+/// `retries = 2`: one failing result between good ones changes nothing,
+/// while the same flap with `retries = 1` is a failure and a recovery.
+#[test]
+fn retries_damp_a_single_failure() {
+    let tmp = tempdir();
+    let collector = Collector::start(tmp.path());
+    let token = collector.enroll("flappy");
+    // Each check counts its runs; its third run fails, the others pass.
+    let script = |name: &str| {
+        let runs = tmp.path().join(format!("{name}-runs"));
+        let path = tmp.path().join(format!("{name}-check"));
+        write_script(
+            &path,
+            &format!(
+                "echo run >> {r}\nn=$(wc -l < {r})\nif [ \"$n\" -eq 3 ]; then echo \"run $n fails\"; exit 2; fi\necho \"run $n\"",
+                r = runs.display()
+            ),
+        );
+        (path, runs)
+    };
+    let (damped, damped_runs) = script("damped");
+    let (plain, plain_runs) = script("plain");
+    let extra = format!(
+        "[checks.damped]\ncommand = [{}]\ninterval = \"300ms\"\nretries = 2\n\
+         [checks.plain]\ncommand = [{}]\ninterval = \"300ms\"\n",
+        toml_str(&damped.to_string_lossy()),
+        toml_str(&plain.to_string_lossy())
+    );
+    let _agent = Agent::start(&collector, "flappy", &token, AgentOpts { extra_toml: extra, ..AgentOpts::default() });
+    wait_until("both checks past their failing run", STATE_TIMEOUT, || {
+        match (lines_in(&damped_runs), lines_in(&plain_runs)) {
+            (d, p) if d >= 6 && p >= 6 => Ok(()),
+            other => Err(format!("runs {other:?}")),
+        }
+    });
+    wait_check(&collector, "flappy", "plain", "ok");
+    let events: Value = serde_json::from_slice(&collector.cli_ok(&["events", "flappy", "--json"]).stdout).unwrap();
+    let changes = |name: &str| -> Vec<String> {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["check"]["name"] == name)
+            .map(|e| e["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(changes("plain"), ["check_failed", "check_recovered"], "{events}");
+    assert!(changes("damped").is_empty(), "a single failure is damped: {events}");
+    assert_eq!(status_of(&collector, "flappy", "damped").unwrap(), "ok");
+}
