@@ -378,6 +378,24 @@ pub(crate) struct ProgramRun {
 /// How much of stdout's start [`run_program`] keeps apart.
 pub(crate) const STDOUT_HEAD: usize = 1024;
 
+/// Spawns `cmd`, retrying a few times over a few milliseconds when exec
+/// says "text file busy": a script just written (a deploy updating a check,
+/// or a test) can be briefly held open for writing by another process
+/// between its fork and its exec.
+async fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
+    let busy = rustix::io::Errno::TXTBSY.raw_os_error();
+    let mut attempt = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(busy) && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The way the agent runs any program (actions, command checks): `argv`
 /// directly (no shell), in its own process group, stdin from /dev/null,
 /// output captured. On `timeout` or when `cancel` completes, SIGTERM to the
@@ -397,7 +415,7 @@ pub(crate) async fn run_program(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd.spawn()?;
+    let mut child = spawn_retrying_busy(&mut cmd).await?;
     let pgid = child.id().and_then(|pid| Pid::from_raw(pid as i32));
     let captured = Arc::new(Mutex::new(Captured { tail: Tail::with_limit(max_output), stdout_head: Vec::new() }));
     let readers = [

@@ -82,10 +82,16 @@ xcargo_std() {
 
 # The release agent for a board: agent_release TARGET [cargo args...]; its
 # binary is at $BUILD_STD_TARGET_DIR/TARGET/agent-release/pulsebell-agent.
+# std's features: `optimize_for_size` (core and alloc pick their smaller
+# algorithms) and not `backtrace` (no symbolizer: addr2line, gimli, object and
+# miniz_oxide stay out; a panic still prints its message and location, and
+# RUST_BACKTRACE=1 raw addresses). aarch64 2,168,984 -> 2,035,544 B with checks.
+AGENT_STD_FEATURES=optimize_for_size
 agent_release() {
     local target=$1
     shift
-    xcargo_std "$target" build --locked --profile agent-release -p pulsebell-agent "$@"
+    xcargo_std "$target" build --locked --profile agent-release -p pulsebell-agent \
+        -Zbuild-std-features="$AGENT_STD_FEATURES" "$@"
 }
 
 # Run a foreign binary: qemu_run TARGET BIN ARGS...

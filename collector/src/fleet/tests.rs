@@ -205,3 +205,52 @@ async fn the_tally_follows_every_change() {
     assert_eq!(summary(&f).0, (3, 0, 2, 1));
     assert_eq!(f.counts(), (3, 0));
 }
+
+#[tokio::test]
+async fn a_check_rule_sees_the_devices_whose_check_fails_and_no_others() {
+    use crate::config::{RuleConfig, RuleRing, RuleWhen};
+    use pulsebell_proto::{CheckDigest, CheckKind, CheckReport, CheckResult, CheckStatus};
+    let (f, _) = fleet("n1").await;
+    f.enroll(&["d2".to_string()], false).await.unwrap();
+    let (g1, _rx1) = connect(&f, "d1").await;
+    let (g2, _rx2) = connect(&f, "d2").await;
+    let report = |status| CheckReport {
+        full: true,
+        results: vec![CheckResult {
+            name: "app".into(),
+            kind: CheckKind::Unit,
+            status,
+            summary: String::new(),
+            output: String::new(),
+            since_ms: 0,
+        }],
+    };
+    let rule = RuleConfig {
+        name: "r".into(),
+        when: RuleWhen { check: Some("app".into()), status: None, state: None, for_: None },
+        ring: RuleRing { action: "restart".into(), params: Default::default() },
+        tags: vec![],
+        cooldown: Duration::from_secs(60),
+        max_per_hour: 1,
+    };
+    let holding = |f: &Fleet| f.rule_holds(&rule, true).into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+    f.checks("d1", g1, report(CheckStatus::Critical));
+    f.checks("d2", g2, report(CheckStatus::Ok));
+    assert_eq!(holding(&f), ["d1"]);
+    // A digest that agrees keeps it; recovery drops it.
+    let digest = CheckDigest { critical: 1, ..CheckDigest::default() };
+    assert_eq!(f.pulse("d1", g1, Pulse { seq: 1, health: Health::default() }, Some(digest)), Pulsed::Accepted);
+    assert_eq!(holding(&f), ["d1"]);
+    f.checks("d1", g1, report(CheckStatus::Ok));
+    assert!(holding(&f).is_empty());
+    // Failing again, then the device comes back as a version-1 agent: its
+    // checks are forgotten, and with them the rule's interest.
+    f.checks("d2", g2, report(CheckStatus::Critical));
+    assert_eq!(holding(&f), ["d2"]);
+    assert_eq!(f.pulse("d2", g2, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
+    assert!(holding(&f).is_empty());
+    // Revoked: gone from the index too (the debug assertion checks it).
+    f.checks("d1", g1, report(CheckStatus::Warning));
+    f.revoke("d1").await.unwrap();
+    assert!(holding(&f).is_empty());
+}
