@@ -46,10 +46,13 @@ pub fn checks_reported(
     now: u64,
 ) -> Effects {
     let mut fx = Effects::default();
-    let old = if report.full { std::mem::take(&mut record.checks) } else { record.checks.clone() };
-    let mut checks = if report.full { Vec::with_capacity(report.results.len()) } else { old.clone() };
+    // A full report replaces the list (checks gone from the agent's config
+    // go with it); a partial one updates it in place. Either way the list
+    // stays sorted by name, one entry per name.
+    let old = if report.full { std::mem::take(&mut record.checks) } else { Vec::new() };
     for r in report.results {
-        let before = old.iter().find(|c| c.name == r.name).map(|c| c.status);
+        let previous = if report.full { &old } else { &record.checks };
+        let before = previous.iter().find(|c| c.name == r.name).map(|c| c.status);
         let changed = before != Some(r.status) && !(before.is_none() && r.status == CheckStatus::Ok);
         if changed {
             let (kind, alert) = if r.status == CheckStatus::Ok {
@@ -75,16 +78,11 @@ pub fn checks_reported(
                 }),
             ));
         }
-        match checks.binary_search_by(|c| c.name.as_str().cmp(&r.name)) {
-            Ok(i) => checks[i] = r,
-            Err(i) => checks.insert(i, r),
+        match record.checks.binary_search_by(|c| c.name.as_str().cmp(&r.name)) {
+            Ok(i) => record.checks[i] = r,
+            Err(i) => record.checks.insert(i, r),
         }
     }
-    if report.full {
-        checks.sort_by(|a, b| a.name.cmp(&b.name));
-        checks.dedup_by(|a, b| a.name == b.name);
-    }
-    record.checks = checks;
     fx
 }
 

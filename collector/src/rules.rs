@@ -189,7 +189,7 @@ impl Rules {
         let mut to_ring = vec![];
         {
             let mut states = self.state.lock().expect("rules lock");
-            for (rule, s) in self.rules.iter().zip(states.iter_mut()) {
+            for (i, (rule, s)) in self.rules.iter().zip(states.iter_mut()).enumerate() {
                 let holding = self.fleet.rule_holds(rule, offline_duty);
                 s.holding.retain(|id, _| holding.iter().any(|(h, _)| h == id));
                 while s.recent.front().is_some_and(|t| now.saturating_sub(*t) >= HOUR_MS) {
@@ -229,13 +229,14 @@ impl Rules {
                             s.last_by_device.insert(id.clone(), now);
                             // Re-armed: the condition must hold `for` again.
                             *ep = Episode { since_ms: now, held: false };
-                            to_ring.push((rule.clone(), id));
+                            to_ring.push((i, id));
                         }
                     }
                 }
             }
         }
-        for (rule, device) in to_ring {
+        for (i, device) in to_ring {
+            let rule = &self.rules[i];
             let req = RingRequest {
                 device: Some(device.clone()),
                 tag: None,
@@ -249,21 +250,15 @@ impl Rules {
                 Ok(bells) => {
                     let id = bells.first().map_or(0, |b| b.id);
                     info!(rule = %rule.name, device = %device, bell = id, action = %rule.ring.action, "rule rang a bell");
-                    let mut states = self.state.lock().expect("rules lock");
-                    if let Some(i) = self.rules.iter().position(|r| r.name == rule.name) {
-                        states[i].last = Some((now, device, id));
-                    }
+                    self.state.lock().expect("rules lock")[i].last = Some((now, device, id));
                 }
                 Err(e) => {
                     warn!(rule = %rule.name, device = %device, error = %e, "rule could not ring its bell");
-                    let mut states = self.state.lock().expect("rules lock");
-                    if let Some(i) = self.rules.iter().position(|r| r.name == rule.name) {
-                        let s = &mut states[i];
-                        if let Some(pos) = s.recent.iter().rposition(|t| *t == now) {
-                            s.recent.remove(pos);
-                        }
-                        s.last_by_device.remove(&device);
+                    let s = &mut self.state.lock().expect("rules lock")[i];
+                    if let Some(pos) = s.recent.iter().rposition(|t| *t == now) {
+                        s.recent.remove(pos);
                     }
+                    s.last_by_device.remove(&device);
                 }
             }
         }

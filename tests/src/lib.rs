@@ -35,6 +35,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use serde_json::Value;
 
 pub use serde_json;
+pub mod http;
 pub mod nats;
 
 /// How long a collector may take to log `collector ready`.

@@ -6,13 +6,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use pulsebell_proto::{close, AgentMsg, CheckDigest, CheckReport, Health, Pulse, ServerMsg};
+use pulsebell_tests::http::admin_get;
 use pulsebell_tests::raw::{self, block_on, Endpoint, Incoming};
 use pulsebell_tests::serde_json::{self, Value};
 use pulsebell_tests::{toml_str, wait_until, Agent, AgentOpts, Collector, STATE_TIMEOUT};
@@ -59,25 +60,6 @@ fn wait_check(collector: &Collector, id: &str, check: &str, want: &str) {
         s if s == want => Ok(()),
         s => Err(format!("{check} is {s}")),
     });
-}
-
-/// `GET path` on the admin API with the admin token; the body.
-fn admin_get(collector: &Collector, path: &str) -> String {
-    let token = fs::read_to_string(collector.data_dir().join("admin.token")).expect("admin token");
-    let addr = collector.admin_url().trim_start_matches("http://").to_string();
-    let mut s = TcpStream::connect(&addr).expect("connect to the admin API");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        token.trim()
-    )
-    .expect("send request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read response");
-    assert!(resp.starts_with("HTTP/1.1 200"), "GET {path}: {resp}");
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    // Chunked bodies: good enough to search a metrics text for lines.
-    body.to_string()
 }
 
 /// Serves `HTTP/1.1 200` to every request on a thread, for the `http` check.
@@ -186,7 +168,7 @@ interval = "1s"
     let bad = collector.cli(&["checks", "--status", "sideways"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--status"), "{bad:?}");
 
-    let metrics = admin_get(&collector, "/metrics");
+    let metrics = admin_get(&collector, "/metrics").text();
     let value = |check: &str| -> Option<f64> {
         metrics
             .lines()

@@ -107,19 +107,19 @@ pub async fn list(client: &Client, device: Option<&str>, json: bool) -> anyhow::
         println!("{}", serde_json::to_string_pretty(&bells)?);
         return Ok(());
     }
-    println!("{:<8} {:<20} {:<16} {:<10} {:<6} {:<24} ORIGIN", "ID", "DEVICE", "ACTION", "STATE", "EXIT", "UPDATED");
+    let mut rows = vec![["ID", "DEVICE", "ACTION", "STATE", "EXIT", "UPDATED", "ORIGIN"].map(str::to_string)];
     for b in &bells {
-        println!(
-            "{:<8} {:<20} {:<16} {:<10} {:<6} {:<24} {}",
-            b.id,
-            b.device,
-            b.action,
-            b.state.as_str(),
+        rows.push([
+            b.id.to_string(),
+            b.device.clone(),
+            b.action.clone(),
+            b.state.as_str().to_string(),
             b.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            b.updated_at,
-            b.origin,
-        );
+            b.updated_at.clone(),
+            b.origin.clone(),
+        ]);
     }
+    print!("{}", super::status::columns(&rows));
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 use std::time::SystemTime;
 
 use super::client::Client;
-use super::status::ago;
+use pulsebell_proto::{CheckDigest, CheckStatus};
+
+use super::status::{ago, columns};
 use crate::fleet::{CheckRow, CheckView};
 
 /// `checks [DEVICE] [--status S] [--json]`. Exit 0; a device with no
@@ -77,13 +79,7 @@ pub fn render_table(rows: &[CheckRow], now: SystemTime) -> String {
             c.summary.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|i| cells.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in &cells {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&cells);
     if rows.is_empty() {
         out.push_str("(no checks: agents list them under [checks.NAME] in their config)\n");
     }
@@ -96,13 +92,19 @@ pub fn summary_cell(checks: &[CheckView]) -> String {
     if checks.is_empty() {
         return "-".into();
     }
-    let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
-    let failing: Vec<String> = [("critical", "crit"), ("unknown", "unknown"), ("warning", "warn")]
-        .into_iter()
-        .filter_map(|(s, short)| Some(count(s)).filter(|n| *n > 0).map(|n| format!("{n} {short}")))
-        .collect();
+    let mut digest = CheckDigest::default();
+    for c in checks {
+        // A status this CLI does not know (a newer collector's) counts as unknown.
+        digest.add(CheckStatus::parse(&c.status).unwrap_or(CheckStatus::Unknown));
+    }
+    let failing: Vec<String> =
+        [(CheckStatus::Critical, "crit"), (CheckStatus::Unknown, "unknown"), (CheckStatus::Warning, "warn")]
+            .into_iter()
+            .filter(|(s, _)| digest.get(*s) > 0)
+            .map(|(s, short)| format!("{} {short}", digest.get(s)))
+            .collect();
     if failing.is_empty() {
-        format!("{} ok", count("ok"))
+        format!("{} ok", digest.ok)
     } else {
         failing.join(", ")
     }

@@ -17,21 +17,16 @@ pub async fn list(client: &Client, device: Option<&str>, since: Option<Duration>
         println!("{}", serde_json::to_string_pretty(&events)?);
         return Ok(());
     }
-    println!("{:<26} {:<20} {:<15} {:<20} GENERATION", "AT", "DEVICE", "KIND", "REASON");
+    let mut rows = vec![["AT", "DEVICE", "KIND", "REASON", "GENERATION"].map(str::to_string)];
     for e in &events {
         // A check event names the check where the liveness reason goes.
         let reason = match e.get("check") {
             Some(c) => format!("{} {}", c["name"].as_str().unwrap_or(""), c["status"].as_str().unwrap_or("")),
             None => e["reason"].as_str().unwrap_or("").to_string(),
         };
-        println!(
-            "{:<26} {:<20} {:<15} {:<20} {}",
-            e["at"].as_str().unwrap_or(""),
-            e["device"].as_str().unwrap_or(""),
-            e["kind"].as_str().unwrap_or(""),
-            reason,
-            e["generation"]
-        );
+        let text = |k: &str| e[k].as_str().unwrap_or("").to_string();
+        rows.push([text("at"), text("device"), text("kind"), reason, e["generation"].to_string()]);
     }
+    print!("{}", super::status::columns(&rows));
     Ok(())
 }

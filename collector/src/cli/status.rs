@@ -128,6 +128,20 @@ fn short_uptime(secs: u64) -> String {
     }
 }
 
+/// Rows as left-aligned columns two spaces apart, each as wide as its
+/// widest cell (by characters, so `°C` counts as two), with no trailing
+/// blanks. The first row is the header. Every table the CLI prints uses it.
+pub fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: [usize; N] = std::array::from_fn(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0));
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// The status table.
 pub fn render_table(devices: &[DeviceView], now: SystemTime) -> String {
     let header = ["ID", "STATE", "LAST SEEN", "UPTIME", "CPU", "LOAD", "MEM", "DISK", "TEMP", "CHECKS", "WARNINGS"];
@@ -162,13 +176,7 @@ pub fn render_table(devices: &[DeviceView], now: SystemTime) -> String {
             if warnings.is_empty() { "-".into() } else { warnings.join(",") },
         ]);
     }
-    let widths: Vec<usize> = (0..11).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     if devices.is_empty() {
         out.push_str("(no devices enrolled: `pulsebell-collector enroll ID`)\n");
     }

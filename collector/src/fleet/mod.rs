@@ -90,6 +90,12 @@ struct Device {
 }
 
 impl Device {
+    /// Whether connection `generation` is the one this node holds for the
+    /// device now (messages of an older, replaced connection are dropped).
+    fn holds(&self, generation: u64) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.generation == generation)
+    }
+
     fn new(enrolment: Enrolment, record: DeviceRecord) -> Box<Device> {
         Box::new(Device {
             enrolment,
@@ -494,10 +500,7 @@ impl Fleet {
         let now = now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(d) = state.devices.get_mut(id) else { return Pulsed::Stale };
-        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return Pulsed::Stale;
-        }
+        let Some(d) = state.devices.get_mut(id).filter(|d| d.holds(generation)) else { return Pulsed::Stale };
         let checks_differ = digest.is_some_and(|digest| CheckDigest::of(&d.record.checks) != digest);
         // An agent of protocol version 1 has no checks: forget those of a
         // newer agent the device ran before.
@@ -540,10 +543,7 @@ impl Fleet {
     pub fn action_info(&self, id: &str, generation: u64, actions: Vec<pulsebell_proto::ActionInfo>) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(d) = state.devices.get_mut(id) else { return };
-        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return;
-        }
+        let Some(d) = state.devices.get_mut(id).filter(|d| d.holds(generation)) else { return };
         d.record.action_info = actions;
         state.mark_dirty(id);
     }
@@ -554,10 +554,7 @@ impl Fleet {
         let now = now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Some(d) = state.devices.get_mut(id) else { return };
-        if d.conn.as_ref().map(|c| c.generation) != Some(generation) {
-            return;
-        }
+        let Some(d) = state.devices.get_mut(id).filter(|d| d.holds(generation)) else { return };
         let fx = liveness::checks_reported(id, &mut d.record, report, generation, now);
         state.note_checks(id);
         state.absorb(fx);
@@ -589,7 +586,7 @@ impl Fleet {
             return false;
         }
         let was = d.state();
-        if reason != Reason::Silent && d.conn.as_ref().is_some_and(|c| c.generation == generation) {
+        if reason != Reason::Silent && d.holds(generation) {
             d.conn = None;
             d.owner = None;
         }
