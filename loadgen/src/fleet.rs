@@ -28,6 +28,8 @@ pub struct Shared {
     pub disconnects: AtomicU64,
     /// Bells answered.
     pub bells_answered: AtomicU64,
+    /// When each bell's frame was read and its report written.
+    pub bell_marks: crate::hops::DeviceMarks,
     /// Failed connection attempts by kind.
     pub failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Per device: whether it has a session now (bell targets).
@@ -55,6 +57,7 @@ impl Shared {
             connects: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             bells_answered: AtomicU64::new(0),
+            bell_marks: crate::hops::DeviceMarks::default(),
             failures: Mutex::new(BTreeMap::new()),
             online: (0..devices).map(|_| AtomicBool::new(false)).collect(),
             by_endpoint: (0..endpoints.max(1)).map(|_| AtomicI64::new(0)).collect(),

@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod fleet;
+mod hops;
 mod mqtt;
 mod probe;
 mod ws;
@@ -321,8 +322,8 @@ async fn mark(shared: &Shared, meter: &Meter) -> Mark {
 }
 
 /// Rings ping bells at random connected devices until `until` (or until the
-/// window ends early); RTTs in ms of the bells that succeeded, and the
-/// number that did not.
+/// window ends early); the bells that succeeded, and the number that did
+/// not.
 async fn ring_bells(
     client: Arc<Client>,
     shared: Arc<Shared>,
@@ -330,7 +331,7 @@ async fn ring_bells(
     per_sec: f64,
     until: Instant,
     ended: Arc<AtomicBool>,
-) -> (Vec<f64>, u64) {
+) -> (Vec<hops::Rung>, u64) {
     let results = Arc::new(Mutex::new((Vec::new(), 0u64)));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sec));
     let mut tasks = tokio::task::JoinSet::new();
@@ -342,12 +343,15 @@ async fn ring_bells(
         let (client, results, device) = (client.clone(), results.clone(), ids[target].to_string());
         tasks.spawn(async move {
             let body = json!({ "device": device, "action": "ping" });
+            let sent = hops::unix_ms();
             let t = std::time::Instant::now();
             let r: anyhow::Result<Value> = client.post("/v1/bells?wait_ms=5000", &body).await;
             let rtt = t.elapsed().as_secs_f64() * 1000.0;
             let mut res = results.lock().expect("bell results");
             match r {
-                Ok(v) if v["bells"][0]["state"] == "succeeded" => res.0.push(rtt),
+                Ok(mut v) if v["bells"][0]["state"] == "succeeded" => {
+                    res.0.push(hops::Rung { rtt, sent, bell: v["bells"][0].take() })
+                }
                 _ => res.1 += 1,
             }
         });
@@ -540,10 +544,12 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
     let by_url_at_end: Vec<i64> = shared.by_endpoint.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     let (_, rss_end) = meter.process.sample();
     live.holding.store(false, Ordering::Relaxed);
-    let (mut rtts, bell_failures) = match bells {
+    let (rung, bell_failures) = match bells {
         Some(t) => t.await?,
         None => (vec![], 0),
     };
+    let bell_hops = hops::breakdown(&rung, &shared.bell_marks);
+    let mut rtts: Vec<f64> = rung.iter().map(|r| r.rtt).collect();
 
     // Settle: stop pulsing, then wait until the server has stored every
     // pulse it will (the collector writes back every second).
@@ -639,6 +645,7 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
         "bell_rtt_p90_ms": percentile(&rtts, 0.90).map(r2),
         "bell_rtt_p99_ms": percentile(&rtts, 0.99).map(r2),
         "bell_rtt_max_ms": rtts.last().copied().map(r2),
+        "bell_hops_ms": bell_hops,
         "collector_pid": meter.process.pid(),
         "collector_rss_start_bytes": rss_start,
         "collector_rss_bytes": rss_end,
@@ -692,6 +699,10 @@ fn print_summary(s: &Value) {
         f("collector_cpu_seconds_window"),
         f("collector_cpu_per_1000_pulses")
     );
+    if !s["bell_hops_ms"].is_null() {
+        let h = &s["bell_hops_ms"];
+        println!("bell hops (ms)     median {}; slowest 1 %: {}", h["median_all"], h["median_slowest_1pct"]);
+    }
     if s["outages"].as_array().is_some_and(|o| !o.is_empty()) {
         println!("outages            {}", s["outages"]);
     }

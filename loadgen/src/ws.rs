@@ -92,10 +92,12 @@ async fn on_frame(shared: &Shared, ws: &mut WsStream, frame: Option<Result<Messa
         None | Some(Err(_)) => false,
         Some(Ok(Message::Binary(bytes))) => {
             if let Ok(ServerMsg::Bell(bell)) = decode::<ServerMsg>(&bytes) {
+                let read = crate::hops::unix_ms();
                 let report = encode(&AgentMsg::BellReport(answer(&bell))).expect("a report always encodes");
                 if !send(ws, report).await {
                     return false;
                 }
+                shared.bell_marks.record(bell.id, read, crate::hops::unix_ms());
                 shared.bells_answered.fetch_add(1, Ordering::Relaxed);
             }
             true
