@@ -6,8 +6,11 @@
 //!
 //! ```text
 //! request   POST sent → bell queued (HTTP, auth, validation)
-//! deliver   queued → the device has read the frame (bell flushed, handed to
-//!           the connection, TLS, the device task scheduled)
+//! store     queued → marked sent (the bell written and flushed, handed to
+//!           the device's connection)
+//! transit   marked sent → the device has read the frame (the connection
+//!           thread writes it, TLS, the device task scheduled; negative
+//!           when the frame is read before `sent` is stamped)
 //! device    frame read → report written (the simulated agent)
 //! report    report written → final state recorded (the collector reads the
 //!           frame, compare-and-set begins)
@@ -53,10 +56,10 @@ pub struct Rung {
 }
 
 /// Names of the hops, in order.
-pub const HOPS: [&str; 5] = ["request", "deliver", "device", "report", "answer"];
+pub const HOPS: [&str; 6] = ["request", "store", "transit", "device", "report", "answer"];
 
 /// A bell's hops in ms, when every mark is there.
-fn hops(r: &Rung, devices: &DeviceMarks) -> Option<[f64; 5]> {
+fn hops(r: &Rung, devices: &DeviceMarks) -> Option<[f64; 6]> {
     let id = r.bell["id"].as_u64()?;
     let (read, written) = devices.get(id)?;
     let at = |state: &str| -> Option<f64> {
@@ -65,8 +68,9 @@ fn hops(r: &Rung, devices: &DeviceMarks) -> Option<[f64; 5]> {
         Some(ts.duration_since(UNIX_EPOCH).ok()?.as_secs_f64() * 1000.0)
     };
     let queued = at("queued")?;
+    let sent = at("sent")?;
     let done = at("succeeded")?;
-    Some([queued - r.sent, read - queued, written - read, done - written, r.sent + r.rtt - done])
+    Some([queued - r.sent, sent - queued, read - sent, written - read, done - written, r.sent + r.rtt - done])
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -74,7 +78,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn named(h: [f64; 5]) -> Value {
+fn named(h: [f64; 6]) -> Value {
     let r = |x: f64| (x * 100.0).round() / 100.0;
     HOPS.iter().zip(h).map(|(k, v)| ((*k).to_string(), json!(r(v)))).collect::<serde_json::Map<_, _>>().into()
 }
@@ -82,12 +86,12 @@ fn named(h: [f64; 5]) -> Value {
 /// Median hops over all bells, over the slowest 1 % (at least 5), and the
 /// ten slowest one by one.
 pub fn breakdown(rung: &[Rung], devices: &DeviceMarks) -> Value {
-    let mut all: Vec<(f64, [f64; 5])> = rung.iter().filter_map(|r| Some((r.rtt, hops(r, devices)?))).collect();
+    let mut all: Vec<(f64, [f64; 6])> = rung.iter().filter_map(|r| Some((r.rtt, hops(r, devices)?))).collect();
     if all.is_empty() {
         return Value::Null;
     }
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let med = |set: &[(f64, [f64; 5])]| named(std::array::from_fn(|i| median(set.iter().map(|h| h.1[i]).collect())));
+    let med = |set: &[(f64, [f64; 6])]| named(std::array::from_fn(|i| median(set.iter().map(|h| h.1[i]).collect())));
     let slow = &all[..(all.len() / 100).max(5).min(all.len())];
     json!({
         "bells": all.len(),
@@ -114,7 +118,7 @@ mod tests {
         ]});
         let r = Rung { rtt: 9.0, sent: base + 0.5, bell };
         let h = hops(&r, &devices).expect("every mark is there");
-        let want = [1.5, 2.0, 0.5, 2.5, 2.5];
+        let want = [1.5, 1.0, 1.0, 0.5, 2.5, 2.5];
         for (got, want) in h.iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{h:?}");
         }

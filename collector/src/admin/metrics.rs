@@ -243,6 +243,13 @@ pub async fn render(state: &AdminState, openmetrics: bool) -> String {
         Unit::Seconds,
         s.store_write_seconds.clone(),
     );
+    r.register_with_unit(
+        "fleet_lock_wait",
+        "Time spent waiting for the fleet lock (every pulse, report and view takes it)",
+        Unit::Seconds,
+        s.lock_wait_seconds.clone(),
+    );
+    r.register_with_unit("fleet_lock_hold", "Time the fleet lock was held", Unit::Seconds, s.lock_hold_seconds.clone());
     r.register(
         "store_records_written",
         "Device records written back to the store",

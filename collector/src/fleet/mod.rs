@@ -192,6 +192,40 @@ impl State {
     }
 }
 
+/// A fleet lock holder above this is logged with its call site.
+pub const SLOW_LOCK: Duration = Duration::from_millis(2);
+
+/// The fleet lock held; times itself on release.
+struct Locked<'a> {
+    guard: std::sync::MutexGuard<'a, State>,
+    since: std::time::Instant,
+    at: &'static std::panic::Location<'static>,
+    stats: &'a Stats,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let held = self.since.elapsed();
+        self.stats.lock_hold_seconds.observe(held.as_secs_f64());
+        if held >= SLOW_LOCK {
+            tracing::debug!(target: "fleet_lock", held_ms = held.as_secs_f64() * 1000.0, at = %self.at, "fleet lock held long");
+        }
+    }
+}
+
 /// Counters for the admin API and metrics.
 #[derive(Debug)]
 pub struct Stats {
@@ -213,6 +247,10 @@ pub struct Stats {
     pub handshake_failures: Mutex<HashMap<&'static str, u64>>,
     /// Latency of durable store writes (device batches, bells), seconds.
     pub store_write_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Time spent waiting for the fleet lock, seconds.
+    pub lock_wait_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Time the fleet lock was held, seconds.
+    pub lock_hold_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Default for Stats {
@@ -228,6 +266,12 @@ impl Default for Stats {
             handshake_failures: Mutex::new(HashMap::new()),
             store_write_seconds: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+            lock_wait_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_001, 4.0, 10),
+            ),
+            lock_hold_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_001, 4.0, 10),
             ),
         }
     }
@@ -326,8 +370,17 @@ impl Fleet {
         Ok(fleet)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("fleet lock")
+    /// The fleet lock. Every pulse, report and view takes it, so how long
+    /// it is waited for and held is measured (`/metrics`), and a holder
+    /// over [`SLOW_LOCK`] is logged with its call site (target
+    /// `fleet_lock`, debug).
+    #[track_caller]
+    fn lock(&self) -> Locked<'_> {
+        let asked = std::time::Instant::now();
+        let guard = self.state.lock().expect("fleet lock");
+        let since = std::time::Instant::now();
+        self.stats.lock_wait_seconds.observe((since - asked).as_secs_f64());
+        Locked { guard, since, at: std::panic::Location::caller(), stats: &self.stats }
     }
 
     /// This node's id.
