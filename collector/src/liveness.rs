@@ -52,7 +52,7 @@ pub fn checks_reported(
     let old = if report.full { std::mem::take(&mut record.checks) } else { Vec::new() };
     for r in report.results {
         let previous = if report.full { &old } else { &record.checks };
-        let before = previous.iter().find(|c| c.name == r.name).map(|c| c.status);
+        let before = previous.binary_search_by(|c| c.name.as_str().cmp(&r.name)).ok().map(|i| previous[i].status);
         let changed = before != Some(r.status) && !(before.is_none() && r.status == CheckStatus::Ok);
         if changed {
             let (kind, alert) = if r.status == CheckStatus::Ok {

@@ -195,10 +195,14 @@ impl State {
 /// A fleet lock holder above this is logged with its call site.
 pub const SLOW_LOCK: Duration = Duration::from_millis(2);
 
-/// The fleet lock held; times itself on release.
+/// The fleet lock held; times itself on release. The guard is an `Option`
+/// only so that `drop` can release the fleet lock before it records the
+/// times (a histogram takes a mutex of its own: not inside ours, on the
+/// per-pulse path).
 struct Locked<'a> {
-    guard: std::sync::MutexGuard<'a, State>,
+    guard: Option<std::sync::MutexGuard<'a, State>>,
     since: std::time::Instant,
+    waited: Duration,
     at: &'static std::panic::Location<'static>,
     stats: &'a Stats,
 }
@@ -206,19 +210,21 @@ struct Locked<'a> {
 impl std::ops::Deref for Locked<'_> {
     type Target = State;
     fn deref(&self) -> &State {
-        &self.guard
+        self.guard.as_ref().expect("held until drop")
     }
 }
 
 impl std::ops::DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut State {
-        &mut self.guard
+        self.guard.as_mut().expect("held until drop")
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let held = self.since.elapsed();
+        drop(self.guard.take());
+        self.stats.lock_wait_seconds.observe(self.waited.as_secs_f64());
         self.stats.lock_hold_seconds.observe(held.as_secs_f64());
         if held >= SLOW_LOCK {
             tracing::debug!(target: "fleet_lock", held_ms = held.as_secs_f64() * 1000.0, at = %self.at, "fleet lock held long");
@@ -379,8 +385,13 @@ impl Fleet {
         let asked = std::time::Instant::now();
         let guard = self.state.lock().expect("fleet lock");
         let since = std::time::Instant::now();
-        self.stats.lock_wait_seconds.observe((since - asked).as_secs_f64());
-        Locked { guard, since, at: std::panic::Location::caller(), stats: &self.stats }
+        Locked {
+            guard: Some(guard),
+            since,
+            waited: since - asked,
+            at: std::panic::Location::caller(),
+            stats: &self.stats,
+        }
     }
 
     /// This node's id.
