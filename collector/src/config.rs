@@ -64,6 +64,11 @@ pub struct Config {
     /// How long pulse state may sit in memory before it is written to sled.
     #[serde(deserialize_with = "de_duration")]
     pub write_back: Duration,
+    /// A device record whose only news is newer pulses is written to sled
+    /// at most this often (liveness changes go at the next `write_back`);
+    /// `[cluster] sync_interval` takes its place in cluster mode.
+    #[serde(deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
     /// sled's page cache, in MiB.
     pub sled_cache_mb: u64,
     /// Time allowed for shutdown (closing connections, flushing).
@@ -324,6 +329,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./pulsebell-data"),
             offline_after: None,
             write_back: Duration::from_secs(1),
+            sync_interval: Duration::from_secs(30),
             sled_cache_mb: 64,
             shutdown_grace: Duration::from_secs(10),
             bell_ttl: Duration::from_secs(3600),
@@ -388,6 +394,9 @@ impl Config {
         }
         if self.write_back.is_zero() || self.write_back > Duration::from_secs(60) {
             return bad("write_back", "must be between 1ms and 60s");
+        }
+        if self.sync_interval > Duration::from_secs(600) {
+            return bad("sync_interval", "must be at most 10m");
         }
         if self.offline_after.is_some_and(|d| d < Duration::from_millis(300)) {
             return bad("offline_after", "must be at least 300ms");

@@ -124,6 +124,10 @@ struct Args {
     /// only at the window's edges (the endpoint walks every device).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     stats_every: Duration,
+    /// Longest wait, after the pulses stop, for the collector to report every
+    /// pulse stored (its `sync_interval`, 30 s by default, plus a margin).
+    #[arg(long, value_parser = parse_duration, default_value = "40s")]
+    settle: Duration,
     /// Longest wait for every device to connect after the ramp.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     connect_grace: Duration,
@@ -552,23 +556,19 @@ async fn run(json_out: bool, args: &Args) -> anyhow::Result<()> {
     let mut rtts: Vec<f64> = rung.iter().map(|r| r.rtt).collect();
 
     // Settle: stop pulsing, then wait until the server has stored every
-    // pulse it will (the collector writes back every second).
+    // pulse, or `--settle`. The collector writes a device whose only news is
+    // pulses once per `sync_interval` (30 s by default), and devices that
+    // connected together are written together, so the count can stand still
+    // for many seconds before the next group: only the deadline ends a wait
+    // that falls short.
     shared.pulsing.store(false, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sent_total = shared.sent.load(Ordering::Relaxed);
-    let settle_deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = None;
-    let mut stable = 0;
+    let settle_deadline = Instant::now() + args.settle;
     while Instant::now() < settle_deadline {
         tokio::time::sleep(Duration::from_millis(if args.mqtt { 500 } else { 1100 })).await;
         let Some((_, stored)) = meter.poll().await else { continue };
-        if stored >= sent_total || last == Some(stored) {
-            stable += 1;
-        } else {
-            stable = 0;
-        }
-        last = Some(stored);
-        if stable >= 2 {
+        if stored >= sent_total {
             break;
         }
     }

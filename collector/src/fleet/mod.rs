@@ -83,6 +83,9 @@ struct Device {
     urgent: bool,
     /// When its record was last taken into a batch, Unix ms.
     written_ms: u64,
+    /// Pulses accepted since its record was last taken into a batch: they
+    /// count as stored once that record is written (`pulses_stored`).
+    unwritten: u32,
     /// The open history minute.
     minute: Option<Accumulator>,
     /// The last generation whose end another node's loss was recorded for.
@@ -105,6 +108,7 @@ impl Device {
             dirty: false,
             urgent: false,
             written_ms: 0,
+            unwritten: 0,
             minute: None,
             ended_elsewhere: 0,
         })
@@ -161,7 +165,7 @@ impl State {
         self.mark(id, true);
     }
 
-    /// Only a newer pulse: may wait for the sync interval (cluster mode).
+    /// Only a newer pulse: may wait for the sync interval.
     fn mark_routine(&mut self, id: &str) {
         self.mark(id, false);
     }
@@ -347,7 +351,8 @@ impl Fleet {
         let enrolments = store.enrolments().await?;
         let records = store.device_states().await?;
         let owners = store.owners().await?;
-        let sync_ms = if config.cluster.enabled() { config.cluster.sync_interval.as_millis() as u64 } else { 0 };
+        let sync = if config.cluster.enabled() { config.cluster.sync_interval } else { config.sync_interval };
+        let sync_ms = sync.as_millis() as u64;
         let fleet = Arc::new(Fleet {
             config,
             node,
@@ -574,7 +579,10 @@ impl Fleet {
             state.failing.remove(id);
         }
         let was = d.state();
+        // A device's first health is news worth writing at once.
+        let first_health = d.record.health.is_none();
         let fx = liveness::pulsed(id, &mut d.record, generation, &pulse, now);
+        d.unwritten = d.unwritten.saturating_add(1);
         state.tally.moved(was, d.state());
         let minute = (now / 60_000) as u32;
         let finished = match &mut d.minute {
@@ -587,7 +595,7 @@ impl Fleet {
         if let Some(b) = finished {
             state.history.push((id.to_string(), b));
         }
-        let urgent = !fx.events.is_empty() || forgot_checks;
+        let urgent = !fx.events.is_empty() || forgot_checks || first_health;
         state.absorb(fx);
         if urgent {
             state.mark_dirty(id);

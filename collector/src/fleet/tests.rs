@@ -133,22 +133,45 @@ async fn revocation_closes_and_forgets() {
 }
 
 #[tokio::test]
-async fn in_a_cluster_pulses_wait_for_the_sync_interval_but_liveness_does_not() {
+async fn pulses_wait_for_the_sync_interval_but_liveness_does_not() {
+    let mut cluster = Config::default();
+    cluster.cluster.nats_urls = vec!["nats://127.0.0.1:4222".into()];
+    // sled (the default) and cluster mode, each with its own key.
+    for config in [Config::default(), cluster] {
+        pulses_wait_for_the_sync_interval(config).await;
+    }
+    // "0s": every pulse goes out at the next write-back.
+    let f = Fleet::load(
+        Arc::new(Config { sync_interval: Duration::ZERO, ..Config::default() }),
+        "n1".into(),
+        Arc::new(MemoryStore::new()),
+    )
+    .await
+    .unwrap();
+    f.enroll(&["d1".to_string()], false).await.unwrap();
+    let (g, _rx) = connect(&f, "d1").await;
+    for seq in 1..3 {
+        assert_eq!(f.pulse("d1", g, Pulse { seq, health: Health::default() }, None), Pulsed::Accepted);
+        assert_eq!(f.take_batch(false).records.len(), 1, "sync_interval 0s: every pulse is written");
+    }
+}
+
+async fn pulses_wait_for_the_sync_interval(config: Config) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let mut config = Config::default();
-    config.cluster.nats_urls = vec!["nats://127.0.0.1:4222".into()];
     let f = Fleet::load(Arc::new(config), "n1".into(), store.clone()).await.unwrap();
     f.enroll(&["d1".to_string()], false).await.unwrap();
     let (g, _rx) = connect(&f, "d1").await;
     assert_eq!(f.take_batch(false).records.len(), 1, "a new connection goes out at once");
     assert_eq!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
+    assert_eq!(f.take_batch(false).records.len(), 1, "the first health goes out at once");
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 2, health: Health::default() }, None), Pulsed::Accepted);
     let b = f.take_batch(false);
     assert!(b.records.is_empty() && !b.complete, "a pulse waits for the sync interval");
     assert!(f.offline("d1", g, Reason::Silent));
     assert_eq!(f.take_batch(false).records.len(), 1, "going offline goes out at once");
-    assert_eq!(f.pulse("d1", g, Pulse { seq: 2, health: Health::default() }, None), Pulsed::Accepted);
-    assert_eq!(f.take_batch(false).records.len(), 1, "back online goes out at once");
     assert_eq!(f.pulse("d1", g, Pulse { seq: 3, health: Health::default() }, None), Pulsed::Accepted);
+    assert_eq!(f.take_batch(false).records.len(), 1, "back online goes out at once");
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 4, health: Health::default() }, None), Pulsed::Accepted);
     assert!(f.take_batch(false).records.is_empty());
     let b = f.take_batch(true);
     assert_eq!((b.records.len(), b.complete), (1, true), "shutdown writes everything");
@@ -253,4 +276,25 @@ async fn a_check_rule_sees_the_devices_whose_check_fails_and_no_others() {
     f.checks("d1", g1, report(CheckStatus::Warning));
     f.revoke("d1").await.unwrap();
     assert!(holding(&f).is_empty());
+}
+
+/// `pulses_stored` counts a pulse once a record carrying it is written: a
+/// deferred device's pulses wait with it, and shutdown writes the rest.
+#[tokio::test]
+async fn pulses_count_as_stored_when_their_record_is_written() {
+    use super::writeback::{write_back, write_back_with};
+    let (f, _store) = fleet("n1").await;
+    let (g, _rx) = connect(&f, "d1").await;
+    let stored = |f: &Fleet| f.stats.pulses_stored.load(Ordering::Relaxed);
+    assert_eq!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
+    write_back(&f, None).await.unwrap();
+    assert_eq!(stored(&f), 1, "the first health is written at once");
+    for seq in 2..5 {
+        assert_eq!(f.pulse("d1", g, Pulse { seq, health: Health::default() }, None), Pulsed::Accepted);
+    }
+    write_back(&f, None).await.unwrap();
+    assert_eq!(stored(&f), 1, "pulse-only news waits for the sync interval, and so does its count");
+    write_back_with(&f, None, true).await.unwrap();
+    assert_eq!(stored(&f), 4, "shutdown writes every record, and every pulse in them counts");
+    assert_eq!(f.stats.pulses_accepted.load(Ordering::Relaxed), 4);
 }

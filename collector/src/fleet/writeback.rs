@@ -3,12 +3,14 @@
 //!
 //! A device pulsing many times in one window is written once: the batch
 //! holds each dirty device's latest record, so store writes per second are
-//! bounded by the number of devices, not by the pulse rate. In cluster mode
-//! a record whose only news is a newer pulse waits until its last write is
-//! `[cluster] sync_interval` old (default 30 s): with a 10 s pulse interval
-//! that is one JetStream write per three pulses, while liveness changes
-//! (online, offline, a new connection) still go out at the next round. A
-//! failed write puts everything back for the next round.
+//! bounded by the number of devices, not by the pulse rate. A record whose
+//! only news is a newer pulse waits until its last write is `sync_interval`
+//! old (`[cluster] sync_interval` in cluster mode; 30 s by default): with a
+//! 10 s pulse interval that is one write per three pulses, while liveness
+//! changes (online, offline, a new connection, the first health) still go
+//! out at the next round. On sled this keeps the main database's writes, and
+//! so the file system journal a bell's flush waits on, small (BENCHMARKS.md,
+//! bell round trip). A failed write puts everything back for the next round.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -31,8 +33,9 @@ pub struct Batch {
     pub history: Vec<(String, Bucket)>,
     /// Raised alerts.
     pub alerts: Vec<Raised>,
-    /// Pulses accepted up to this batch.
-    pub pulses: u64,
+    /// Pulses whose state the records carry (per record, in order): stored
+    /// once the batch is written, given back to the devices if it fails.
+    pub pulses: Vec<u32>,
     /// Whether no record was left for a later round.
     pub complete: bool,
 }
@@ -57,6 +60,7 @@ impl Fleet {
         let history = std::mem::take(&mut state.history);
         let alerts = std::mem::take(&mut state.alerts);
         let mut records = Vec::with_capacity(ids.len());
+        let mut pulses = Vec::with_capacity(ids.len());
         let mut deferred = Vec::new();
         for id in ids {
             if let Some(d) = state.devices.get_mut(&id) {
@@ -67,19 +71,22 @@ impl Fleet {
                 d.dirty = false;
                 d.urgent = false;
                 d.written_ms = now;
+                pulses.push(std::mem::take(&mut d.unwritten));
                 records.push((id, d.record.clone()));
             }
         }
         let complete = deferred.is_empty();
         state.dirty = deferred;
-        let pulses = self.stats.pulses_accepted.load(Ordering::Relaxed);
         Batch { records, events, history, alerts, pulses, complete }
     }
 
     /// Puts back what a failed write did not store, ahead of newer changes.
     fn requeue(&self, batch: Batch) {
         let mut state = self.lock();
-        for (id, _) in &batch.records {
+        for ((id, _), n) in batch.records.iter().zip(&batch.pulses) {
+            if let Some(d) = state.devices.get_mut(id) {
+                d.unwritten = d.unwritten.saturating_add(*n);
+            }
             state.mark_dirty(id);
         }
         let newer = std::mem::replace(&mut state.events, batch.events);
@@ -101,9 +108,6 @@ pub async fn write_back(fleet: &Fleet, alerts: Option<&Alerts>) -> anyhow::Resul
 pub async fn write_back_with(fleet: &Fleet, alerts: Option<&Alerts>, force: bool) -> anyhow::Result<usize> {
     let batch = fleet.take_batch(force);
     if batch.is_empty() {
-        if batch.complete {
-            fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
-        }
         return Ok(0);
     }
     let store = fleet.store();
@@ -129,9 +133,8 @@ pub async fn write_back_with(fleet: &Fleet, alerts: Option<&Alerts>, force: bool
     }
     let n = batch.records.len();
     fleet.stats.records_written.fetch_add(n as u64, Ordering::Relaxed);
-    if batch.complete {
-        fleet.stats.pulses_stored.store(batch.pulses, Ordering::Relaxed);
-    }
+    let stored: u64 = batch.pulses.iter().map(|&n| u64::from(n)).sum();
+    fleet.stats.pulses_stored.fetch_add(stored, Ordering::Relaxed);
     if let Some(a) = alerts {
         if !batch.alerts.is_empty() {
             if let Err(e) = a.enqueue(batch.alerts.clone()).await {
