@@ -24,7 +24,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pulsebell_proto::{CheckDigest, CheckResult, CheckStatus, MAX_CHECK_OUTPUT, MAX_STRING};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info};
@@ -224,7 +223,7 @@ pub async fn check_command(argv: &[String], timeout: Duration) -> Outcome {
 /// A TCP connect: OK "connected in N ms", else CRITICAL with the error.
 pub async fn check_tcp(addr: &HostPort) -> Outcome {
     let started = Instant::now();
-    match TcpStream::connect((addr.host.as_str(), addr.port)).await {
+    match crate::resolve::connect(&addr.host, addr.port).await {
         Ok(_) => Outcome::new(CheckStatus::Ok, format!("connected in {} ms", started.elapsed().as_millis())),
         Err(e) => Outcome::new(CheckStatus::Critical, format!("cannot connect to {addr}: {e}")),
     }
@@ -293,7 +292,7 @@ pub async fn check_http(target: &HttpTarget, trust: &Trust, timeout: Duration) -
     let started = Instant::now();
     let deadline = started + timeout;
     let addr = &target.addr;
-    let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect((addr.host.as_str(), addr.port))).await {
+    let tcp = match tokio::time::timeout_at(deadline, crate::resolve::connect(&addr.host, addr.port)).await {
         Err(_) => return Outcome::timed_out(timeout),
         Ok(Err(e)) => return Outcome::new(CheckStatus::Critical, format!("cannot connect to {addr}: {e}")),
         Ok(Ok(tcp)) => tcp,

@@ -10,6 +10,8 @@
 //! - [`journal`]: the on-disk record that makes bells run exactly once.
 //! - [`checks`]: application checks (unit, command, HTTP, TCP, process),
 //!   their retries and the scheduler that keeps their settled states.
+//! - [`resolve`]: host names to addresses (through the system's NSS, also
+//!   in the static build).
 //! - [`run`]: the daemon's main loop tying them together.
 #![forbid(unsafe_code)]
 
@@ -19,5 +21,6 @@ pub mod config;
 pub mod health;
 pub mod journal;
 pub mod provision;
+pub mod resolve;
 pub mod run;
 pub mod uplink;

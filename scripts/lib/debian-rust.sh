@@ -94,6 +94,88 @@ agent_release() {
         -Zbuild-std-features="$AGENT_STD_FEATURES" "$@"
 }
 
+# The agent as the packages ship it: statically linked against musl, so it has
+# no glibc floor (any Raspberry Pi OS or Debian release runs it) and maps no
+# libc.so, ld.so or libgcc_s at run time (peak RSS ~2.5 MiB instead of ~4.3 MiB,
+# BENCHMARKS.md). Names still resolve through the system's NSS (mDNS `.local`
+# names too): agent/src/resolve.rs asks `getent ahosts`.
+# std is built from Debian's std sources as for the glibc builds; musl's start
+# files and libc.a come from Debian's musl-dev for arm64/armhf (setup_musl),
+# crtbegin/crtend from the GNU cross gcc, which links (rustc passes the start
+# files and libraries itself). std's unwind crate links a static libunwind:
+# LLVM's, from Debian's libunwind-14-dev for the board, as rustup's musl
+# targets bring it (the _Unwind_* symbols std keeps for backtraces, and on
+# 32-bit ARM the EHABI personality routines every unwind table names; gcc's
+# libgcc_eh won't do on aarch64: it calls glibc's _dl_find_object).
+LLVM_UNWIND=libunwind-14-dev
+AARCH64_MUSL=aarch64-unknown-linux-musl
+ARMV7_MUSL=armv7-unknown-linux-musleabihf
+MUSL_DIR=$CROSS_TARGET_DIR/musl
+# TARGET -> "debian-arch musl-triplet gnu-triplet"
+declare -A MUSL_SPEC=([$AARCH64_MUSL]="arm64 aarch64-linux-musl aarch64-linux-gnu"
+    [$ARMV7_MUSL]="armhf arm-linux-musleabihf arm-linux-gnueabihf")
+
+# apt with a private sources list, lists dir and architectures: downloads
+# foreign packages checked against Debian's signed index without adding an
+# apt architecture to this machine.
+musl_apt() {
+    apt-get -q -o Dir::Etc::SourceList="$MUSL_DIR/apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
+        -o Dir::State::Lists="$MUSL_DIR/apt/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= \
+        -o APT::Architectures::=arm64 -o APT::Architectures::=armhf -o Acquire::Languages=none "$@"
+}
+
+# musl-dev for both boards, unpacked into $MUSL_DIR/TARGET with the gcc
+# objects beside it. Mandatory (after setup_debian_rust_arm64/armv7).
+setup_musl() {
+    local target arch triplet gnu dir need=()
+    for target in "$AARCH64_MUSL" "$ARMV7_MUSL"; do
+        [ -f "$MUSL_DIR/$target/libc.a" ] || need+=("$target")
+    done
+    [ ${#need[@]} -gt 0 ] || { echo "musl for ${!MUSL_SPEC[*]} already unpacked in $MUSL_DIR"; return 0; }
+    mkdir -p "$MUSL_DIR/apt/lists/partial" "$MUSL_DIR/debs"
+    echo "deb [arch=arm64,armhf] http://deb.debian.org/debian bookworm main" >"$MUSL_DIR/apt/sources.list"
+    local log
+    log=$(mktemp)
+    if ! musl_apt update >"$log" 2>&1 || grep -q '^E:' "$log"; then
+        grep -E '^(E|W):' "$log" | head -3 >&2; rm -f "$log"
+        echo "FAIL: apt-get update for musl-dev (arm64, armhf)" >&2
+        return 1
+    fi
+    rm -f "$log"
+    for target in "${need[@]}"; do
+        read -r arch triplet gnu <<<"${MUSL_SPEC[$target]}"
+        (cd "$MUSL_DIR/debs" && musl_apt download "musl-dev:$arch" "$LLVM_UNWIND:$arch" >/dev/null 2>&1) \
+            || { echo "FAIL: apt-get download musl-dev:$arch $LLVM_UNWIND:$arch" >&2; return 1; }
+        dir=$MUSL_DIR/$target
+        rm -rf "$dir" "$dir.x"
+        dpkg-deb -x "$(ls "$MUSL_DIR"/debs/musl-dev_*_"$arch".deb | tail -1)" "$dir.x"
+        dpkg-deb -x "$(ls "$MUSL_DIR"/debs/"$LLVM_UNWIND"_*_"$arch".deb | tail -1)" "$dir.x"
+        mkdir -p "$dir"
+        cp "$dir.x/usr/lib/$triplet"/*.o "$dir.x/usr/lib/$triplet/libc.a" "$dir/"
+        local o
+        for o in crtbegin.o crtbeginS.o crtbeginT.o crtend.o crtendS.o; do
+            cp "$(ls /usr/lib/gcc-cross/"$gnu"/*/"$o" | tail -1)" "$dir/"
+        done
+        cp "$(ls "$dir".x/usr/lib/llvm-*/lib/libunwind.a | tail -1)" "$dir/libunwind.a"
+        rm -rf "$dir.x"
+        echo "musl-dev:$arch unpacked for $target: $(ls "$dir" | tr '\n' ' ')"
+    done
+}
+
+# The static release agent: agent_release_musl TARGET [cargo args...]; its
+# binary is at $BUILD_STD_TARGET_DIR/TARGET/agent-release/pulsebell-agent.
+agent_release_musl() {
+    local target=$1 arch triplet gnu t
+    shift
+    read -r arch triplet gnu <<<"${MUSL_SPEC[$target]}"
+    t=${target//-/_}
+    (
+        export "CC_$t=$gnu-gcc" "AR_$t=$gnu-ar" "CARGO_TARGET_${t^^}_LINKER=$gnu-gcc" \
+            "CARGO_TARGET_${t^^}_RUSTFLAGS=-L native=$MUSL_DIR/$target"
+        agent_release "$target" "$@"
+    )
+}
+
 # Run a foreign binary: qemu_run TARGET BIN ARGS...
 qemu_run() {
     local target=$1
@@ -101,6 +183,8 @@ qemu_run() {
     case $target in
         "$AARCH64") qemu-aarch64-static "$@" ;;
         "$ARMV7") QEMU_LD_PREFIX=$ARMHF_ROOT qemu-arm-static "$@" ;;
+        "$AARCH64_MUSL") qemu-aarch64-static "$@" ;;
+        "$ARMV7_MUSL") qemu-arm-static "$@" ;;
         *) echo "qemu_run: unknown target $target" >&2; return 1 ;;
     esac
 }

@@ -154,11 +154,12 @@ impl Dialer {
     }
 
     async fn tcp(&self, local: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+        let (host, port) = (self.url.host.as_str(), self.url.port);
         let Some(local) = local else {
-            return TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(|e| self.explain(e));
+            return crate::resolve::connect(host, port).await;
         };
         let mut last = None;
-        for remote in tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await? {
+        for remote in crate::resolve::lookup(host, port).await? {
             if remote.is_ipv4() != local.is_ipv4() {
                 continue;
             }
@@ -176,24 +177,6 @@ impl Dialer {
                 "no address of the collector matches the local address family",
             )
         }))
-    }
-
-    /// A statically linked (musl) agent resolves names through /etc/hosts and
-    /// DNS only: glibc's NSS modules, such as `mdns4_minimal` for `.local`
-    /// names, are not available to it. Says so when such a name fails.
-    fn explain(&self, e: std::io::Error) -> std::io::Error {
-        let host = self.url.host.trim_end_matches('.');
-        if cfg!(target_env = "musl") && host.ends_with(".local") {
-            return std::io::Error::new(
-                e.kind(),
-                format!(
-                    "{e} (this is the static build of the agent: it resolves names through /etc/hosts \
-                     and DNS only, not mDNS; give the collector's address, add `{host}` to /etc/hosts, \
-                     or use the glibc build)"
-                ),
-            );
-        }
-        e
     }
 
     /// Opens a provisioning connection to the same collector: the
