@@ -489,6 +489,13 @@ impl Bells {
                 return None;
             }
             let mut b = b.clone();
+            // The frame went out before `deliver` recorded it sent (that
+            // write waits for a flush); a fast agent's report can come
+            // first. It is proof of delivery: record `sent` now, so every
+            // bell's transitions read queued, sent, ...
+            if b.state == BellStatus::Queued {
+                transition(&mut b, BellStatus::Sent, None);
+            }
             if state == BellStatus::Running {
                 if b.state == BellStatus::Running {
                     return None;

@@ -181,3 +181,21 @@ async fn a_waiter_sees_a_bell_finished_elsewhere_even_if_the_store_read_is_stale
     // And a later `bell-show` on this node says the same.
     assert_eq!(bells.get(b.id).await.unwrap().unwrap().state, BellStatus::Succeeded);
 }
+
+/// A fast agent's report can be recorded before `deliver` records the bell
+/// sent (that write waits for a flush): the report proves delivery, so the
+/// bell still reads queued, sent, running, and the late `sent` changes
+/// nothing.
+#[tokio::test]
+async fn a_report_ahead_of_the_sent_record_still_reads_sent() {
+    let (bells, fleet) = setup().await;
+    let b = bells.ring(ring_req(None)).await.unwrap().remove(0);
+    assert_eq!(b.state, BellStatus::Queued);
+    let _rx = connect(&fleet);
+    bells.on_report("d1", report(b.id, BellState::Running)).await;
+    bells.on_connect("d1").await; // the delivery whose `sent` came late
+    bells.on_report("d1", report(b.id, BellState::Succeeded)).await;
+    let done = bells.get(b.id).await.unwrap().unwrap();
+    let states: Vec<BellStatus> = done.transitions.iter().map(|t| t.state).collect();
+    assert_eq!(states, [BellStatus::Queued, BellStatus::Sent, BellStatus::Running, BellStatus::Succeeded]);
+}
