@@ -71,9 +71,12 @@ async fn getent(program: &str, host: &str, port: u16) -> io::Result<Option<Vec<S
         Err(e) => return Err(io::Error::new(e.kind(), format!("cannot run {program} to resolve {host}: {e}"))),
     };
     // getent: 0 found, 2 not found; anything else is its own failure.
+    // 127 is "no such program" where the spawn itself can't tell (qemu-user
+    // runs the exec in a child of its own): fall back, as for NotFound.
     match out.status.code() {
         Some(0) => {}
         Some(2) => return Err(not_found(host, "unknown host")),
+        Some(127) => return Ok(None),
         _ => return Err(not_found(host, &format!("{program} ahosts failed ({})", out.status))),
     }
     let found = parse_ahosts(&String::from_utf8_lossy(&out.stdout), port);
