@@ -134,14 +134,7 @@ setup_musl() {
     [ ${#need[@]} -gt 0 ] || { echo "musl for ${!MUSL_SPEC[*]} already unpacked in $MUSL_DIR"; return 0; }
     mkdir -p "$MUSL_DIR/apt/lists/partial" "$MUSL_DIR/debs"
     echo "deb [arch=arm64,armhf] http://deb.debian.org/debian bookworm main" >"$MUSL_DIR/apt/sources.list"
-    local log
-    log=$(mktemp)
-    if ! musl_apt update >"$log" 2>&1 || grep -q '^E:' "$log"; then
-        grep -E '^(E|W):' "$log" | head -3 >&2; rm -f "$log"
-        echo "FAIL: apt-get update for musl-dev (arm64, armhf)" >&2
-        return 1
-    fi
-    rm -f "$log"
+    apt_update musl_apt || { echo "FAIL: apt-get update for musl-dev (arm64, armhf)" >&2; return 1; }
     for target in "${need[@]}"; do
         read -r arch triplet gnu <<<"${MUSL_SPEC[$target]}"
         (cd "$MUSL_DIR/debs" && musl_apt download "musl-dev:$arch" "$LLVM_UNWIND:$arch" >/dev/null 2>&1) \
@@ -192,11 +185,12 @@ qemu_run() {
 installed_version() { { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
 candidate_version() { { apt-cache policy "$1" 2>/dev/null || true; } | awk '/Candidate:/ {print $2}'; }
 
-# apt-get update; returns non-zero if any index failed (apt prints E: lines).
+# apt-get update (or APT, a wrapper such as musl_apt); returns non-zero if any
+# index failed (apt prints E: lines).
 apt_update() {
-    local log
+    local apt=${1:-apt-get} log
     log=$(mktemp)
-    if apt-get update -q >"$log" 2>&1 && ! grep -q '^E:' "$log"; then
+    if "$apt" update -q >"$log" 2>&1 && ! grep -q '^E:' "$log"; then
         rm -f "$log"
         return 0
     fi

@@ -26,8 +26,13 @@ fn hello(id: &str) -> Hello {
 }
 
 async fn fleet(node: &str) -> (Arc<Fleet>, Arc<dyn Store>) {
+    fleet_with(node, Config::default()).await
+}
+
+/// A fleet on `config` with device `d1` enrolled.
+async fn fleet_with(node: &str, config: Config) -> (Arc<Fleet>, Arc<dyn Store>) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let fleet = Fleet::load(Arc::new(Config::default()), node.into(), store.clone()).await.unwrap();
+    let fleet = Fleet::load(Arc::new(config), node.into(), store.clone()).await.unwrap();
     fleet.enroll(&["d1".to_string()], false).await.unwrap();
     (fleet, store)
 }
@@ -141,14 +146,7 @@ async fn pulses_wait_for_the_sync_interval_but_liveness_does_not() {
         pulses_wait_for_the_sync_interval(config).await;
     }
     // "0s": every pulse goes out at the next write-back.
-    let f = Fleet::load(
-        Arc::new(Config { sync_interval: Duration::ZERO, ..Config::default() }),
-        "n1".into(),
-        Arc::new(MemoryStore::new()),
-    )
-    .await
-    .unwrap();
-    f.enroll(&["d1".to_string()], false).await.unwrap();
+    let (f, _store) = fleet_with("n1", Config { sync_interval: Duration::ZERO, ..Config::default() }).await;
     let (g, _rx) = connect(&f, "d1").await;
     for seq in 1..3 {
         assert_eq!(f.pulse("d1", g, Pulse { seq, health: Health::default() }, None), Pulsed::Accepted);
@@ -157,9 +155,7 @@ async fn pulses_wait_for_the_sync_interval_but_liveness_does_not() {
 }
 
 async fn pulses_wait_for_the_sync_interval(config: Config) {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let f = Fleet::load(Arc::new(config), "n1".into(), store.clone()).await.unwrap();
-    f.enroll(&["d1".to_string()], false).await.unwrap();
+    let (f, _store) = fleet_with("n1", config).await;
     let (g, _rx) = connect(&f, "d1").await;
     assert_eq!(f.take_batch(false).records.len(), 1, "a new connection goes out at once");
     assert_eq!(f.pulse("d1", g, Pulse { seq: 1, health: Health::default() }, None), Pulsed::Accepted);
