@@ -271,6 +271,12 @@ setup_debian_rust_armv7() {
     [ -f "$lib/Cargo.lock" ] && [ -d "$lib/std" ] || { echo "FAIL: no std sources at $lib" >&2; return 1; }
 }
 
+# Whether a binary is statically linked: no program interpreter, no shared
+# library needed.
+is_static() {
+    ! readelf -lW "$1" | grep -q INTERP && ! readelf -dW "$1" | grep -q NEEDED
+}
+
 # Highest GLIBC_x.y symbol version a binary needs.
 glibc_floor() {
     local objdump=$1 bin=$2
